@@ -1,0 +1,18 @@
+"""logitpair: train and honestly evaluate adversarially robust image classifiers.
+
+Implements Adversarial Logit Pairing (Kannan, Kurakin, Goodfellow 2018) and the methods,
+attacks and checks around it.
+"""
+
+__version__ = "0.1.0"
+
+from logitpair.threat import Linf  # noqa: E402
+
+__all__ = ["Linf", "__version__", "load_model"]
+
+
+def load_model(path, *, device="cpu"):  # noqa: ANN001, ANN201
+    """Load a trained model from a run directory or checkpoint (see :mod:`logitpair.checkpoint`)."""
+    from logitpair.checkpoint import load_model as _load_model
+
+    return _load_model(path, device=device)

@@ -1,0 +1,5 @@
+import sys
+
+from logitpair.cli import main
+
+sys.exit(main())

@@ -1,0 +1,431 @@
+"""Auto-PGD, L-infinity (Croce & Hein 2020, https://arxiv.org/abs/2003.01690).
+
+APGD is PGD with momentum and a step size that adapts itself: it starts at ``2 * eps``
+and is halved, per example, at fixed checkpoints when progress has stalled; each halving
+restarts from the best point found so far. Three losses: cross-entropy (``apgd_ce``),
+the Difference of Logits Ratio (``apgd_dlr``) and its targeted version, which
+``apgd_t`` runs once for each of the top-ranked wrong classes.
+
+Inputs are images in the threat model's bounds (default [0, 1]) of shape (N, ...);
+labels have shape (N,). Example::
+
+    x_adv = apgd_ce(model, x, y, threat=Linf(8 / 255), steps=100)
+    x_adv = apgd_t(model, x, y, threat=Linf(8 / 255), n_target_classes=9)
+
+Where the paper and the authors' code (fra31/auto-attack) differ, this follows the paper:
+checkpoints are ``ceil(p_j * N)`` (the code uses ``int(0.22 * N)`` and integer
+decrements), condition 1 is a strict ``<``, and condition 2 may already fire at the first
+checkpoint (the step size was not reduced at ``w_0 = 0``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from logitpair.attacks.common import is_success
+from logitpair.errors import ConfigError
+from logitpair.modes import attack_context
+from logitpair.threat import Linf
+
+ApgdLoss = Literal["ce", "dlr", "dlr-targeted"]
+LossFn = Callable[[Tensor], Tensor]
+
+
+def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Difference of Logits Ratio, per example: ``-(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3 + 1e-12)``.
+
+    ``z_pi1 >= z_pi2 >= ...`` are the sorted logits. Needs at least 3 classes.
+    """
+    if logits.shape[1] < 3:
+        raise ConfigError(f"the DLR loss needs at least 3 classes, the model has {logits.shape[1]}")
+    top, top_idx = logits.topk(3, dim=1)
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    max_other = torch.where(top_idx[:, 0] == y, top[:, 1], top[:, 0])
+    return -(z_y - max_other) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def dlr_targeted_loss(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
+    """Targeted DLR: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``. Needs 4 classes."""
+    if logits.shape[1] < 4:
+        raise ConfigError(f"the targeted DLR loss needs at least 4 classes, the model has {logits.shape[1]}")
+    top = logits.topk(4, dim=1).values
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    z_t = logits.gather(1, target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
+def apgd_checkpoints(n_iter: int) -> list[int]:
+    """The checkpoints ``w_j = ceil(p_j * n_iter)`` for all ``p_j <= 1``, duplicates dropped.
+
+    ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``, computed
+    with exact fractions (0.41 * 100 must give 41, not 42). For 100 iterations:
+    ``[0, 22, 41, 57, 70, 80, 87, 93, 99]``.
+    """
+    if n_iter < 1:
+        raise ConfigError(f"steps must be >= 1, got {n_iter}")
+    p = [Fraction(0), Fraction(22, 100)]
+    while True:
+        nxt = p[-1] + max(p[-1] - p[-2] - Fraction(3, 100), Fraction(6, 100))
+        if nxt > 1:
+            break
+        p.append(nxt)
+    w: list[int] = []
+    for pj in p:
+        wj = math.ceil(pj * n_iter)
+        if not w or wj > w[-1]:
+            w.append(wj)
+    return w
+
+
+def halving_condition(
+    losses: Tensor,
+    *,
+    rho: float,
+    halved_last: Tensor,
+    best_last: Tensor,
+    best_now: Tensor,
+) -> Tensor:
+    """Per example: should the step size be halved at checkpoint ``w_j``?
+
+    Args:
+        losses: ``(w_j - w_{j-1} + 1, N)``, the objective at iterates ``x^(w_{j-1}) .. x^(w_j)``.
+        rho: fraction of increasing steps below which the step size is halved (0.75).
+        halved_last: ``(N,)`` bool, was the step size halved at checkpoint ``w_{j-1}``?
+        best_last: ``(N,)`` best objective value found up to ``w_{j-1}``.
+        best_now: ``(N,)`` best objective value found up to ``w_j``.
+
+    Condition 1: ``sum_i 1[f(x^(i+1)) > f(x^(i))] < rho * (w_j - w_{j-1})``.
+    Condition 2: the step size was not halved at ``w_{j-1}`` and the best value has not improved.
+    """
+    n_steps = losses.shape[0] - 1
+    increases = (losses[1:] > losses[:-1]).sum(0)
+    condition1 = increases < rho * n_steps
+    condition2 = ~halved_last & (best_now <= best_last)
+    return condition1 | condition2
+
+
+def _loss_grad(model: nn.Module, x: Tensor, loss_fn: LossFn) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward and backward: (per-example loss, logits, d sum(loss) / d x)."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    loss = loss_fn(logits)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    return loss.detach(), logits.detach(), grad
+
+
+def _apgd_run(
+    model: nn.Module,
+    x: Tensor,
+    loss_fn: LossFn,
+    success_fn: Callable[[Tensor], Tensor],
+    threat: Linf,
+    steps: int,
+    rho: float,
+    momentum: float,
+    generator: torch.Generator | None,
+    trace: dict[str, Any] | None,
+    trace_info: dict[str, Any],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One APGD run from a random start: (best point, its loss, its success flag) per example.
+
+    "Best" is a successful iterate if there is one (the highest-loss one), else the
+    highest-loss iterate. Costs ``steps`` forward-backward passes and one forward.
+    """
+    view = (-1,) + (1,) * (x.dim() - 1)
+    checkpoints = [w for w in apgd_checkpoints(steps) if 0 < w < steps]
+
+    x_cur = threat.random_init(x, generator)
+    loss, logits, grad = _loss_grad(model, x_cur, loss_fn)
+    out_x, out_loss, out_succ = x_cur, loss, success_fn(logits)
+    x_max, f_max, grad_max = x_cur, loss, grad
+    x_prev = x_cur
+    eta = torch.full((len(x),), 2.0 * threat.eps, device=x.device, dtype=x.dtype)
+    history = loss.new_empty(steps + 1, len(x))
+    history[0] = loss
+    halved_last = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    best_last, w_last = f_max, 0
+    if trace is not None:
+        raw_loss, best_loss, step_sizes, halved = [loss], [f_max], [], []
+
+    for k in range(steps):
+        # Step from x^(k) to x^(k+1); the first step has no momentum.
+        with torch.no_grad():
+            z = threat.project(x, x_cur + eta.view(view) * grad.sign())
+            if k > 0:
+                z = threat.project(x, x_cur + momentum * (z - x_cur) + (1.0 - momentum) * (x_cur - x_prev))
+            x_prev, x_cur = x_cur, z
+        if trace is not None:
+            step_sizes.append(eta)
+        if k + 1 < steps:
+            loss, logits, grad = _loss_grad(model, x_cur, loss_fn)
+        else:  # the last iterate needs no gradient
+            with torch.no_grad():
+                logits = model(x_cur)
+                loss = loss_fn(logits)
+        history[k + 1] = loss
+
+        # Bookkeeping on this forward's logits: best-loss point (for restarts) and output point.
+        improved = loss > f_max
+        x_max = torch.where(improved.view(view), x_cur, x_max)
+        if k + 1 < steps:
+            grad_max = torch.where(improved.view(view), grad, grad_max)
+        f_max = torch.where(improved, loss, f_max)
+        succ = success_fn(logits)
+        better = (succ & ~out_succ) | ((succ == out_succ) & (loss > out_loss))
+        out_x = torch.where(better.view(view), x_cur, out_x)
+        out_loss = torch.where(better, loss, out_loss)
+        out_succ = out_succ | succ
+        if trace is not None:
+            raw_loss.append(loss)
+            best_loss.append(f_max)
+
+        if k + 1 in checkpoints:
+            halve = halving_condition(
+                history[w_last : k + 2], rho=rho, halved_last=halved_last, best_last=best_last, best_now=f_max
+            )
+            eta = torch.where(halve, 0.5 * eta, eta)
+            x_cur = torch.where(halve.view(view), x_max, x_cur)
+            grad = torch.where(halve.view(view), grad_max, grad)
+            history[k + 1] = torch.where(halve, f_max, history[k + 1])
+            halved_last, best_last, w_last = halve, f_max, k + 1
+            if trace is not None:
+                halved.append(halve)
+
+    if trace is not None:
+        trace.setdefault("runs", []).append(
+            {
+                "checkpoints": checkpoints,
+                "step_size": torch.stack(step_sizes),  # (steps, N): eta used for step k -> k+1
+                "loss": torch.stack(raw_loss),  # (steps + 1, N): f(x^(k)) before any restart
+                "best_loss": torch.stack(best_loss),  # (steps + 1, N): f_max after iterate k
+                "halved": torch.stack(halved) if halved else torch.zeros(0, len(x), dtype=torch.bool),
+                **trace_info,
+            }
+        )
+    return out_x, out_loss, out_succ
+
+
+def _make_loss(name: str, y: Tensor, target: Tensor | None) -> LossFn:
+    if name == "ce":
+        return lambda logits: F.cross_entropy(logits, y, reduction="none")
+    if name == "dlr":
+        return lambda logits: dlr_loss(logits, y)
+    assert target is not None
+    return lambda logits: dlr_targeted_loss(logits, y, target)
+
+
+def _check(threat: Linf, steps: int, restarts: int, rho: float, momentum: float) -> None:
+    if not isinstance(threat, Linf):
+        raise ConfigError(f"APGD here supports the Linf threat model only, got {threat!r}")
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}")
+    if restarts < 1:
+        raise ConfigError(f"restarts must be >= 1, got {restarts}")
+    if not 0.0 < rho <= 1.0:
+        raise ConfigError(f"rho must be in (0, 1], got {rho}")
+    if not 0.0 < momentum <= 1.0:
+        raise ConfigError(f"momentum (alpha) must be in (0, 1], got {momentum}")
+
+
+class _Best:
+    """Per-example worst case across runs: successful beats unsuccessful, then higher loss."""
+
+    def __init__(self, x: Tensor, loss: Tensor, succ: Tensor) -> None:
+        self.x, self.loss, self.succ = x.clone(), loss.clone(), succ.clone()
+
+    def todo(self) -> Tensor:
+        """Indices of the examples not broken yet (one host synchronisation)."""
+        return (~self.succ).nonzero().squeeze(1)
+
+    def merge(self, idx: Tensor, x: Tensor, loss: Tensor, succ: Tensor) -> None:
+        old_succ, old_loss = self.succ[idx], self.loss[idx]
+        better = (succ & ~old_succ) | ((succ == old_succ) & (loss > old_loss))
+        view = (-1,) + (1,) * (x.dim() - 1)
+        self.x[idx] = torch.where(better.view(view), x, self.x[idx])
+        self.loss[idx] = torch.where(better, loss, old_loss)
+        self.succ[idx] = old_succ | succ
+
+
+def apgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    threat: Linf,
+    steps: int = 100,
+    loss: ApgdLoss = "ce",
+    restarts: int = 1,
+    target: Tensor | None = None,
+    rho: float = 0.75,
+    momentum: float = 0.75,
+    generator: torch.Generator | None = None,
+    trace: dict[str, Any] | None = None,
+) -> Tensor:
+    """Auto-PGD (Algorithm 1 of Croce & Hein 2020), L-infinity.
+
+    From a uniform random start, with step size ``eta = 2 * eps`` per example::
+
+        z       = P(x_k + eta * sign(grad f(x_k)))
+        x_{k+1} = P(x_k + alpha * (z - x_k) + (1 - alpha) * (x_k - x_{k-1}))   (first step: x_1 = z)
+
+    At each checkpoint of :func:`apgd_checkpoints` the step size of an example is halved
+    when :func:`halving_condition` holds, and that example restarts from its best point.
+
+    Args:
+        loss: ``"ce"`` (cross-entropy), ``"dlr"`` or ``"dlr-targeted"`` (needs ``target``).
+        steps: iterations N (N forward-backward passes per run, plus one forward).
+        restarts: runs from fresh random starts, each on the examples not yet broken.
+        target: ``(N,)`` target classes for ``"dlr-targeted"``.
+        rho: threshold of condition 1 (0.75). momentum: alpha (0.75).
+        generator: source of the random starts, for reproducible runs.
+        trace: if a dict, each run appends ``{"checkpoints", "step_size", "loss",
+            "best_loss", "halved", "index", "target"}`` to ``trace["runs"]`` (for tests and plots).
+
+    Returns per example a successful point if one was found (misclassified; for
+    ``"dlr-targeted"``: classified as ``target``), else the highest-loss point seen,
+    which is ``x`` itself when no iterate beat it. Examples already successful on ``x``
+    are returned unchanged. The model runs in eval mode with frozen parameters; both are
+    restored afterwards.
+    """
+    _check(threat, steps, restarts, rho, momentum)
+    if loss not in ("ce", "dlr", "dlr-targeted"):
+        raise ConfigError(f"loss must be 'ce', 'dlr' or 'dlr-targeted', got {loss!r}")
+    if loss == "dlr-targeted" and target is None:
+        raise ConfigError("loss='dlr-targeted' needs target= (or use apgd_t)")
+    if loss != "dlr-targeted" and target is not None:
+        raise ConfigError(f"target given but loss={loss!r} is untargeted")
+    x = x.detach()
+    target = None if target is None else target.to(y.device)
+    with attack_context(model):
+        with torch.no_grad():
+            logits = model(x)
+            best = _Best(x, _make_loss(loss, y, target)(logits), is_success(logits, y, target))
+        for _ in range(restarts):
+            idx = best.todo()
+            if idx.numel() == 0:
+                break
+            t = None if target is None else target[idx]
+            yi = y[idx]
+            run = _apgd_run(
+                model,
+                x[idx],
+                _make_loss(loss, yi, t),
+                lambda lg, yi=yi, t=t: is_success(lg, yi, t),
+                threat,
+                steps,
+                rho,
+                momentum,
+                generator,
+                trace,
+                {"index": idx, "target": t},
+            )
+            best.merge(idx, *run)
+    return best.x.detach()
+
+
+def apgd_ce(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    threat: Linf,
+    steps: int = 100,
+    restarts: int = 1,
+    rho: float = 0.75,
+    momentum: float = 0.75,
+    generator: torch.Generator | None = None,
+    trace: dict[str, Any] | None = None,
+) -> Tensor:
+    """APGD on the cross-entropy loss (AutoAttack's ``apgd-ce``). See :func:`apgd`."""
+    return apgd(
+        model, x, y, threat=threat, steps=steps, loss="ce", restarts=restarts, rho=rho,
+        momentum=momentum, generator=generator, trace=trace,
+    )  # fmt: skip
+
+
+def apgd_dlr(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    threat: Linf,
+    steps: int = 100,
+    restarts: int = 1,
+    rho: float = 0.75,
+    momentum: float = 0.75,
+    generator: torch.Generator | None = None,
+    trace: dict[str, Any] | None = None,
+) -> Tensor:
+    """APGD on the (untargeted) DLR loss. Needs at least 3 classes. See :func:`apgd`."""
+    return apgd(
+        model, x, y, threat=threat, steps=steps, loss="dlr", restarts=restarts, rho=rho,
+        momentum=momentum, generator=generator, trace=trace,
+    )  # fmt: skip
+
+
+def apgd_t(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    threat: Linf,
+    steps: int = 100,
+    n_target_classes: int = 9,
+    restarts: int = 1,
+    rho: float = 0.75,
+    momentum: float = 0.75,
+    generator: torch.Generator | None = None,
+    trace: dict[str, Any] | None = None,
+) -> Tensor:
+    """APGD on the targeted DLR loss (AutoAttack's ``apgd-t``). Needs at least 4 classes.
+
+    The targets of an example are the classes other than ``y`` ranked by its clean logits,
+    highest first; the i-th run (``restarts`` times each) targets the i-th of them, for
+    ``i < min(n_target_classes, num_classes - 1)``. Each run attacks only the examples not
+    yet misclassified, so per example the first success is kept. The aim is
+    misclassification (robust accuracy): a run succeeds when the prediction leaves ``y``,
+    whichever class it lands on. Unbroken examples get their highest-loss point over all
+    runs. ``trace`` as in :func:`apgd`.
+    """
+    _check(threat, steps, restarts, rho, momentum)
+    if n_target_classes < 1:
+        raise ConfigError(f"n_target_classes must be >= 1, got {n_target_classes}")
+    x = x.detach()
+    with attack_context(model):
+        with torch.no_grad():
+            logits = model(x)
+        num_classes = logits.shape[1]
+        if num_classes < 4:
+            raise ConfigError(f"apgd_t needs at least 4 classes, the model has {num_classes}")
+        order = logits.argsort(dim=1, descending=True)
+        others = order[order != y[:, None]].view(len(x), num_classes - 1)  # ranked, y removed
+        no_loss = torch.full((len(x),), -float("inf"), device=x.device, dtype=logits.dtype)
+        best = _Best(x, no_loss, is_success(logits, y, None))
+        for i in range(min(n_target_classes, num_classes - 1)):
+            for _ in range(restarts):
+                idx = best.todo()
+                if idx.numel() == 0:
+                    return best.x.detach()
+                t, yi = others[idx, i], y[idx]
+                run = _apgd_run(
+                    model,
+                    x[idx],
+                    _make_loss("dlr-targeted", yi, t),
+                    lambda lg, yi=yi: is_success(lg, yi, None),
+                    threat,
+                    steps,
+                    rho,
+                    momentum,
+                    generator,
+                    trace,
+                    {"index": idx, "target": t},
+                )
+                best.merge(idx, *run)
+    return best.x.detach()

@@ -1,0 +1,32 @@
+"""Fast gradient sign method (Goodfellow et al. 2015, https://arxiv.org/abs/1412.6572)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from logitpair.attacks.common import input_grad, prepare_target
+from logitpair.modes import attack_context
+from logitpair.threat import Linf
+
+
+def fgsm(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    threat: Linf,
+    targeted: bool = False,
+    target: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One signed-gradient step of size eps from ``x``: ``clip(x + eps * sign(grad))``.
+
+    L-infinity, inputs in the threat's bounds, shape (N, C, H, W). Targeted mode descends
+    the cross-entropy of ``target`` (random other class when None).
+    """
+    x = x.detach()
+    with attack_context(model):
+        target = prepare_target(model, x, y, targeted, target, generator)
+        _, _, grad = input_grad(model, x, y, target)
+        return threat.step(x, x, grad, threat.eps).detach()

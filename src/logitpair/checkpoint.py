@@ -1,0 +1,253 @@
+"""Checkpoints and exported models: safetensors for tensors, JSON for everything else.
+
+Nothing is ever unpickled. A training checkpoint is a directory ``checkpoints/ckpt-<step>/``
+holding ``model.safetensors``, ``train_state.safetensors`` (optimizer tensors, RNG state),
+``state.json`` and ``manifest.json`` (format and SHA-256 of every file). It is written as
+``ckpt-<step>.tmp/``, fsynced, then renamed; ``checkpoints/latest`` names the newest complete
+one and is itself replaced by an atomic rename. Older checkpoints are removed only after
+the new one is complete.
+
+An exported model is ``model.safetensors`` + ``model.json`` (architecture, dataset, method,
+resolved config, metrics, package version, SHA-256 of the weights) in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from logitpair.errors import CheckpointError
+from logitpair.io import fsync_dir, sha256_file, write_json, write_text
+
+FORMAT = "logitpair-checkpoint-1"
+MODEL_FORMAT = "logitpair-model-1"
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")
+_CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+
+
+# --------------------------------------------------------------------------- tensors <-> files
+def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def _load_tensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors and JSON-able values."""
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entry in sd["state"].items():
+        for k, v in entry.items():
+            if isinstance(v, Tensor):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, entry in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(entry)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# --------------------------------------------------------------------------- training checkpoints
+def save_checkpoint(
+    root: Path, step: int, files: dict[str, dict[str, Tensor]], state: dict[str, Any], keep: int = 2
+) -> Path:
+    """Write checkpoint ``ckpt-<step>`` under ``root`` atomically and point ``latest`` at it."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{step:09d}"
+    final = root / name
+    tmp = root / f"{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        for fname, tensors in files.items():
+            _save_tensors(tmp / f"{fname}.safetensors", tensors)
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        digests = {}
+        for p in sorted(tmp.iterdir()):
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+            digests[p.name] = sha256_file(p)
+        write_json(tmp / "manifest.json", {"format": FORMAT, "step": step, "sha256": digests})
+        fsync_dir(tmp)
+        if final.exists():  # same step saved twice (e.g. end of epoch == checkpoint_every)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text(root / "latest", name + "\n")
+    complete = sorted(p for p in root.iterdir() if _CKPT_RE.match(p.name))
+    for old in complete[:-keep]:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint named by ``latest``, else the newest complete ``ckpt-*`` directory."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        cand = root / pointer.read_text().strip()
+        if (cand / "manifest.json").is_file():
+            return cand
+    done = sorted(p for p in root.glob("ckpt-*") if _CKPT_RE.match(p.name) and (p / "manifest.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """Verify the manifest's checksums, then load every safetensors file and ``state.json``."""
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{manifest_path}: missing or unreadable checkpoint manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{manifest_path}: not a {FORMAT} manifest")
+    for fname, digest in manifest.get("sha256", {}).items():
+        fpath = path / fname
+        if not fpath.is_file():
+            raise CheckpointError(f"{fpath}: listed in the manifest but missing")
+        actual = sha256_file(fpath)
+        if actual != digest:
+            raise CheckpointError(f"{fpath}: checksum mismatch (manifest {digest[:12]}..., file {actual[:12]}...)")
+    files = {p.stem: _load_tensors(p) for p in sorted(path.glob("*.safetensors"))}
+    state = json.loads((path / "state.json").read_text())
+    return files, state
+
+
+# --------------------------------------------------------------------------- exported models
+def export_model(run_dir: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` then ``model.json`` (with the weights' SHA-256), atomically."""
+    weights = run_dir / "model.safetensors"
+    tmp = run_dir / ".model.safetensors.tmp"
+    _save_tensors(tmp, model.state_dict())
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    digest = sha256_file(tmp)
+    os.replace(tmp, weights)
+    write_json(run_dir / "model.json", {"format": MODEL_FORMAT, **meta, "sha256": digest})
+
+
+def _check_not_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: refusing to load a pickle-based file ({path.suffix}); unpickling can run code. "
+            "logitpair loads only safetensors weights with JSON metadata"
+        )
+    try:
+        head = path.read_bytes()[:4]
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise CheckpointError(
+            f"{path}: looks like a pickle or zip archive (torch.save format); refusing to load it"
+        )
+
+
+def build_from_spec(spec: dict[str, Any], source: Path) -> nn.Module:
+    from logitpair.models import MODELS, create_model
+
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise CheckpointError(f"{source}: metadata has no model architecture ('model.name')")
+    if spec["name"] not in MODELS:
+        raise CheckpointError(
+            f"{source}: unknown model architecture {spec['name']!r}; known: {', '.join(MODELS.names())}"
+        )
+    kwargs = spec.get("kwargs", {})
+    try:
+        return create_model(spec["name"], **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: cannot build {spec['name']} with {kwargs}: {exc}") from None
+
+
+def load_weights(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
+    """Copy ``tensors`` into ``model`` after checking names and shapes (error names the mismatch)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{source}: weights do not match the architecture (missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, v in expected.items():
+        if tuple(tensors[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{source}: shape mismatch for {k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
+            )
+    model.load_state_dict(tensors)
+
+
+def read_model_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable model metadata ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{path}: not {MODEL_FORMAT} metadata")
+    return meta
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a model from a run directory, a checkpoint directory or a ``model.safetensors`` file.
+
+    Returns an ``nn.Module`` in eval mode on ``device`` (default CPU) that maps [0, 1]
+    inputs to logits. ``model.meta`` holds the metadata. Pickle files are refused.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint")
+    if path.is_file():
+        _check_not_pickle(path)
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: expected a run directory, a checkpoint directory or a .safetensors file")
+        meta_path = path.with_name(path.name.removesuffix(".safetensors") + ".json")
+        return _load_exported(path, meta_path, device)
+    if (path / "model.json").is_file():
+        return _load_exported(path / "model.safetensors", path / "model.json", device)
+    ckpt = path if (path / "manifest.json").is_file() else latest_checkpoint(path / "checkpoints")
+    if ckpt is None:
+        raise CheckpointError(f"{path}: no model.json and no complete checkpoint found")
+    files, state = load_checkpoint(ckpt)
+    model = build_from_spec(state.get("model_spec", {}), ckpt)
+    load_weights(model, files.get("model", {}), ckpt / "model.safetensors")
+    model.meta = {"model": state.get("model_spec"), "config": state.get("config"), "checkpoint": str(ckpt)}
+    return model.to(device).eval()
+
+
+def _load_exported(weights: Path, meta_path: Path, device: str | torch.device) -> nn.Module:
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: model metadata not found next to {weights.name}")
+    meta = read_model_meta(meta_path)
+    model = build_from_spec(meta.get("model", {}), meta_path)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: weights file not found")
+    digest = sha256_file(weights)
+    if meta.get("sha256") and digest != meta["sha256"]:
+        raise CheckpointError(f"{weights}: checksum mismatch with {meta_path.name} (file modified or corrupt)")
+    load_weights(model, _load_tensors(weights), weights)
+    model.meta = meta
+    return model.to(device).eval()

@@ -1,0 +1,199 @@
+"""Run configuration: nested frozen dataclasses, built from YAML/TOML files and CLI overrides.
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key.
+Numbers may be written as fractions (``eps: 8/255``); nothing is ever ``eval``-ed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from logitpair.errors import ConfigError
+from logitpair.methods.base import MethodConfig
+from logitpair.threat import parse_fraction
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    val_size: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.val_size < 0:
+            raise ConfigError(f"data.val_size: expected >= 0, got {self.val_size}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adam"  # sgd | adam | rmsprop
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD momentum / RMSProp momentum
+    weight_decay: float = 0.0
+    rmsprop_decay: float = 0.9
+    rmsprop_eps: float = 1.0  # the official ALP code's RMSProp epsilon
+    schedule: str = "cosine"  # constant | cosine | step
+    step_every: int = 2  # epochs between decays for the step schedule
+    step_gamma: float = 0.94
+    epochs: int = 2
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam", "rmsprop"):
+            raise ConfigError(f"optim.optimizer: expected sgd, adam or rmsprop, got {self.optimizer!r}")
+        if self.schedule not in ("constant", "cosine", "step"):
+            raise ConfigError(f"optim.schedule: expected constant, cosine or step, got {self.schedule!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr: expected > 0, got {self.lr}")
+        if self.epochs < 1:
+            raise ConfigError(f"optim.epochs: expected >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"optim.batch_size: expected >= 1, got {self.batch_size}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay: expected >= 0, got {self.weight_decay}")
+        if self.step_every < 1:
+            raise ConfigError(f"optim.step_every: expected >= 1, got {self.step_every}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "lenet5"
+    method: str = "alp"
+    seed: int = 0
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of epoch only)
+    val_points: int = 1000  # validation points attacked each epoch (PGD-10)
+    val_attack_steps: int = 10
+    select: str = "last"  # which weights the run exports: last | best-robust | best-clean
+    on_nonfinite: str = "stop"  # stop | skip (skip the batch and count it)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: MethodConfig = field(default_factory=MethodConfig)
+
+    def __post_init__(self) -> None:
+        from logitpair.methods import METHODS
+        from logitpair.models import MODELS
+
+        METHODS.get(self.method)
+        MODELS.get(self.model)
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every: expected >= 0, got {self.checkpoint_every}")
+        if self.val_points < 0:
+            raise ConfigError(f"val_points: expected >= 0, got {self.val_points}")
+        if self.val_attack_steps < 1:
+            raise ConfigError(f"val_attack_steps: expected >= 1, got {self.val_attack_steps}")
+        if self.select not in ("last", "best-robust", "best-clean"):
+            raise ConfigError(f"select: expected last, best-robust or best-clean, got {self.select!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"on_nonfinite: expected stop or skip, got {self.on_nonfinite!r}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping), got {type(value).__name__}")
+        return build(hint, value, prefix=f"{key}.")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        out = parse_fraction(value, key)
+        if out != out:
+            raise ConfigError(f"{key}: expected a number, got NaN")
+        return out
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, validating keys and types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``), TOML (``.toml``) or JSON config file into a mapping."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: config file is not UTF-8 text") from None
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - every parser error becomes one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: cannot parse config file: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def make_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the file, then CLI overrides (a nested mapping), validated."""
+    values: dict[str, Any] = read_config_file(file) if file else {}
+    values = merge(values, overrides or {})
+    return build(RunConfig, values)

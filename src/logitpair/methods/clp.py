@@ -1,0 +1,41 @@
+"""Clean Logit Pairing (CLP) and logit squeezing (LSQ), both with Gaussian-noise inputs.
+
+Kannan et al. 2018, Sections 3.3-3.4. Mosbach et al. 2018 (https://arxiv.org/abs/1810.12042)
+showed both mostly mask gradients: evaluate them with the strong suite and ``audit``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from logitpair.methods.base import METHODS, MethodConfig, accuracy, add_noise, cross_entropy
+from logitpair.pairing import pair_distance
+
+
+@METHODS.register("clp")
+def clp_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """``CE(f(x~)) + cfg.lam * D(f(x~_i), f(x~_{i+m/2}))`` with ``x~ = clip(x + N(0, noise_std^2))``.
+
+    The batch (already shuffled by the loader) is split in two halves and example ``i`` is
+    paired with example ``i + m/2`` (an odd last example is left unpaired). ``D`` as in ALP:
+    by default the squared difference averaged over pairs and classes. CE: mean over the batch.
+    """
+    xn = add_noise(x, cfg.noise_std)
+    logits = model(xn)
+    ce = cross_entropy(logits, y, cfg)
+    half = len(x) // 2
+    pair = pair_distance(logits[:half], logits[half : 2 * half], cfg.distance, cfg.pair_reduction)
+    loss = ce + cfg.lam * pair
+    return loss, {"ce": ce.detach(), "pair": pair.detach(), "acc": accuracy(logits, y)}
+
+
+@METHODS.register("lsq")
+def lsq_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """``CE(f(x~)) + cfg.lam * mean_i ||f(x~_i)||_2`` (unsquared L2 norm of each example's logits,
+    averaged over the batch) with ``x~ = clip(x + N(0, noise_std^2))``. CE: mean over the batch."""
+    xn = add_noise(x, cfg.noise_std)
+    logits = model(xn)
+    ce = cross_entropy(logits, y, cfg)
+    norm = logits.norm(dim=1).mean()
+    loss = ce + cfg.lam * norm
+    return loss, {"ce": ce.detach(), "logit_norm": norm.detach(), "acc": accuracy(logits, y)}

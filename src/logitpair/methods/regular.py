@@ -1,0 +1,15 @@
+"""Regular (undefended) training: mean cross-entropy on clean inputs."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from logitpair.methods.base import METHODS, MethodConfig, accuracy, cross_entropy
+
+
+@METHODS.register("regular")
+def regular_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """``CE(f(x), y)``, reduced by ``cfg.ce_reduction`` (default: mean over the batch)."""
+    logits = model(x)
+    loss = cross_entropy(logits, y, cfg)
+    return loss, {"ce": loss.detach(), "acc": accuracy(logits, y)}

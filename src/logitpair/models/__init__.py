@@ -1,0 +1,10 @@
+"""Models: a registry of classifiers mapping [0, 1] images to logits.
+
+Forward contract: deterministic, differentiable with respect to the input, no noise,
+no ``no_grad``/``detach`` inside; normalisation, if any, is a layer of the model.
+"""
+
+from logitpair.models import lenet  # noqa: F401  (registers lenet, lenet5)
+from logitpair.models.registry import MODELS, create_model, list_models
+
+__all__ = ["MODELS", "create_model", "list_models"]

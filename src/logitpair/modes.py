@@ -1,0 +1,62 @@
+"""Mode and gradient hygiene as context managers.
+
+Attacks and training losses must leave a model exactly as they found it: same
+``.training`` flag on every submodule, same ``requires_grad`` on every parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode; restore each one's own flag on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextmanager
+def train_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in train mode; restore each one's own flag on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextmanager
+def frozen_params(model: nn.Module) -> Iterator[nn.Module]:
+    """Turn off ``requires_grad`` on all parameters (attacks need input gradients only)."""
+    params = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in params:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def attack_context(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode + frozen parameters + autograd enabled: the state every attack runs in.
+
+    BatchNorm therefore uses running statistics while adversarial examples are crafted,
+    as in the official ALP code (``train.py`` builds the attack graph in eval mode).
+    """
+    import torch
+
+    with torch.enable_grad(), eval_mode(model), frozen_params(model):
+        yield model

@@ -1,0 +1,97 @@
+"""Human reports: Markdown tables and PNG plots (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def pct_ci(summary: dict[str, Any] | None) -> str:
+    """``61.2 [58.1, 64.2]`` from a ``summarize`` dict."""
+    if not summary:
+        return "—"
+    lo, hi = summary["ci95"]
+    return f"{100 * summary['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _plt():  # noqa: ANN202
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(path: Path, curves: dict[str, list[dict[str, Any]]], xkey: str, xlabel: str, title: str) -> None:
+    """One line per method: robust accuracy (with 95% CI band) against ``xkey``."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, rows in curves.items():
+        xs = [r[xkey] for r in rows]
+        ys = [100 * r["value"] for r in rows]
+        lo = [100 * r["ci95"][0] for r in rows]
+        hi = [100 * r["ci95"][1] for r in rows]
+        ax.plot(xs, ys, marker="o", label=name)
+        ax.fill_between(xs, lo, hi, alpha=0.15)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_image_grid(path: Path, rows: dict[str, tuple[Tensor, Tensor]], eps: float, n: int = 8) -> None:
+    """Per method: clean images, adversarial images and the perturbation (scaled to [-eps, eps])."""
+    plt = _plt()
+    names = list(rows)
+    fig, axes = plt.subplots(3 * len(names), n, figsize=(n * 0.9, 3 * len(names) * 0.95), dpi=100)
+    axes = axes.reshape(3 * len(names), n)
+    for r, name in enumerate(names):
+        x, xa = rows[name]
+        for c in range(n):
+            for k, (img, cmap, vmin, vmax) in enumerate(
+                [(x[c], "gray", 0, 1), (xa[c], "gray", 0, 1), (xa[c] - x[c], "seismic", -eps, eps)]
+            ):
+                ax = axes[3 * r + k, c]
+                ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap=cmap, vmin=vmin, vmax=vmax)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_ylabel(f"{name}\n{['clean', 'adv', 'delta'][k]}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_histograms(path: Path, values: dict[str, Tensor], xlabel: str, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    hi = max(float(v.max()) for v in values.values())
+    bins = torch.linspace(0, hi, 50).numpy()
+    for name, v in values.items():
+        ax.hist(v.numpy(), bins=bins, histtype="step", linewidth=1.5, label=f"{name} (median {float(v.median()):.1f})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

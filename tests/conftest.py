@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny generated data in the real IDX format and small trained models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from logitpair.data import write_idx
+
+
+def make_images(n: int, seed: int, num_classes: int = 10, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable synthetic images: a fixed random prototype per class plus noise, as uint8."""
+    protos = np.random.default_rng(1234).uniform(0, 1, (num_classes, size, size))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n).astype(np.uint8)
+    imgs = np.clip(0.5 + 0.12 * (2 * protos[labels] - 1) + 0.25 * (2 * rng.uniform(0, 1, (n, size, size)) - 1), 0, 1)
+    return (imgs * 255).round().astype(np.uint8), labels
+
+
+def write_mnist_dir(folder: Path, n_train: int = 600, n_test: int = 200, gz: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        imgs, labels = make_images(n, seed)
+        write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", imgs)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mnist_dir(tmp_path_factory.mktemp("fmnist"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data() -> tuple[torch.Tensor, torch.Tensor]:
+    imgs, labels = make_images(512, 7)
+    x = torch.from_numpy(imgs).float().div(255).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 5, stride=2, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10)
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_model(tiny_data: tuple[torch.Tensor, torch.Tensor]) -> nn.Module:
+    """An undefended small CNN trained to high clean accuracy on the tiny data (about 1 s)."""
+    torch.manual_seed(0)
+    x, y = tiny_data
+    model = small_cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(4):
+        for i in range(0, len(x), 64):
+            loss = nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    acc = (model(x).argmax(1) == y).float().mean()
+    assert acc > 0.9, f"fixture model failed to train ({acc:.2f})"
+    return model

@@ -1,0 +1,92 @@
+"""The ``logitpair`` command end to end on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from logitpair.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "logitpair", *args], capture_output=True, text=True, timeout=300)
+
+
+TRAIN = ["--epochs", "1", "--batch-size", "100", "--val-size", "100", "--attack-steps", "2", "--quiet"]
+
+
+def test_train_evaluate_blackbox(tmp_path, data_dir):
+    for method, seed in (("mpgd", "0"), ("regular", "1")):
+        rc = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--model", "lenet5",
+                   "--method", method, "--eps", "0.1", "--seed", seed, "--out", str(tmp_path / method), *TRAIN])  # fmt: skip
+        assert rc == 0
+    proc = run_cli("evaluate", str(tmp_path / "regular"), "--source", str(tmp_path / "mpgd"), "--n", "60",
+                   "--steps", "5", "--restarts", "1", "--json", "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    ev = json.loads(proc.stdout)
+    assert ev["n"] == 60 and ev["eps"] == pytest.approx(0.1)
+    clean, wb, bb = ev["clean"], ev["white_box"]["robust"], ev["black_box"]["robust"]
+    assert wb["value"] <= clean["value"] and bb["value"] <= clean["value"]
+    assert wb["ci95"][0] <= wb["value"] <= wb["ci95"][1] and wb["n"] == 60
+    assert (tmp_path / "regular" / "evaluation.json").is_file()
+    assert "white-box" in (tmp_path / "regular" / "evaluation.md").read_text()
+
+
+def test_config_file_and_resolved_config(tmp_path, data_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"method: lsq\nloss:\n  lam: 0.1\n  eps: 8/255\ndata:\n  data_dir: {data_dir}\n  val_size: 100\n"
+                   "optim:\n  epochs: 1\n  batch_size: 200\n")  # fmt: skip
+    assert main(["train", "--config", str(cfg), "--lam", "0.2", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    resolved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert resolved["method"] == "lsq" and resolved["loss"]["lam"] == 0.2
+    assert resolved["loss"]["eps"] == pytest.approx(8 / 255)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "vgg"], "unknown model 'vgg'; valid names: lenet, lenet5"),
+        (["--method", "magic"], "unknown method 'magic'; valid names: alp, clp, lsq, mpgd, regular"),
+        (["--dataset", "svhn2"], "unknown dataset 'svhn2'; valid names"),
+        (["--eps", "-0.1"], "eps: expected 0 <= eps <= 1"),
+        (["--attack-steps", "0"], "attack_steps: expected >= 1"),
+        (["--lam", "-1"], "lam: expected >= 0"),
+        (["--batch-size", "0"], "batch_size: expected >= 1"),
+    ],
+)
+def test_bad_options_one_clear_error(tmp_path, data_dir, args, message, capsys):
+    out = tmp_path / "never"
+    rc = main(["train", "--data-dir", str(data_dir), "--out", str(out), "--quiet", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1
+    assert not out.exists(), "nothing may be written for a bad option"
+
+
+def test_missing_data_message(tmp_path, capsys):
+    rc = main(["train", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 2 and "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  epochs: many\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "optim.epochs: expected an integer" in capsys.readouterr().err
+    bad.write_text("optimm: {}\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "unknown config key optimm" in capsys.readouterr().err
+
+
+def test_list_and_module_entry_point():
+    proc = run_cli("list")
+    assert proc.returncode == 0 and "lenet5" in proc.stdout and "alp" in proc.stdout
+
+
+def test_evaluate_missing_run(tmp_path):
+    proc = run_cli("evaluate", str(tmp_path / "nothing"), "--quiet")
+    assert proc.returncode == 2 and "no such run directory" in proc.stderr
