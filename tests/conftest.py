@@ -11,6 +11,10 @@ from torch import nn
 
 from logitpair.data import write_idx
 
+# One thread: the tests use tiny batches, and two OpenMP threads competing with any other
+# process on a 2-core machine can slow small ops down a hundredfold.
+torch.set_num_threads(1)
+
 
 def make_images(n: int, seed: int, num_classes: int = 10, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
     """Learnable synthetic images: a fixed random prototype per class plus noise, as uint8."""

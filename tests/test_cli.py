@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from logitpair.cli import main
 
@@ -24,13 +25,23 @@ def test_train_evaluate_blackbox(tmp_path, data_dir):
         rc = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--model", "lenet5",
                    "--method", method, "--eps", "0.1", "--seed", seed, "--out", str(tmp_path / method), *TRAIN])  # fmt: skip
         assert rc == 0
+    adv_file = tmp_path / "adv.safetensors"
     proc = run_cli("evaluate", str(tmp_path / "regular"), "--source", str(tmp_path / "mpgd"), "--n", "60",
-                   "--steps", "5", "--restarts", "1", "--json", "--quiet")  # fmt: skip
+                   "--steps", "5", "--restarts", "1", "--attacks", "apgd-ce:steps=10,square:queries=50",
+                   "--save-adversarial", str(adv_file), "--json", "--quiet")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     ev = json.loads(proc.stdout)
     assert ev["n"] == 60 and ev["eps"] == pytest.approx(0.1)
-    clean, wb, bb = ev["clean"], ev["white_box"]["robust"], ev["black_box"]["robust"]
-    assert wb["value"] <= clean["value"] and bb["value"] <= clean["value"]
+    clean, pgd, wb, bb = ev["clean"], ev["pgd"], ev["white_box"]["robust"], ev["black_box"]["robust"]
+    assert wb["value"] <= pgd["value"] <= clean["value"] and bb["value"] <= clean["value"]
+    assert [a["name"] for a in ev["white_box"]["attacks"]] == ["pgd", "apgd-ce", "square"]
+    assert ev["white_box"]["attacks"][1]["params"] == {"steps": 10}
+    from safetensors.torch import load_file
+
+    adv = load_file(str(adv_file))
+    assert adv["x_adv"].shape == (60, 1, 28, 28) and adv["robust"].dtype == torch.bool
+    assert adv["x_adv"].min() >= 0 and adv["x_adv"].max() <= 1
+    assert int(adv["robust"].sum()) == round(wb["value"] * 60)
     assert wb["ci95"][0] <= wb["value"] <= wb["ci95"][1] and wb["n"] == 60
     assert (tmp_path / "regular" / "evaluation.json").is_file()
     assert "white-box" in (tmp_path / "regular" / "evaluation.md").read_text()
@@ -90,3 +101,10 @@ def test_list_and_module_entry_point():
 def test_evaluate_missing_run(tmp_path):
     proc = run_cli("evaluate", str(tmp_path / "nothing"), "--quiet")
     assert proc.returncode == 2 and "no such run directory" in proc.stderr
+
+
+def test_unknown_suite_and_attack(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path), "--suite", "strongest", "--quiet"]) == 2
+    assert "unknown suite 'strongest'; valid suites: quick, standard" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path), "--attacks", "cw:steps=3", "--quiet"]) == 2
+    assert "unknown attack 'cw'; valid names: apgd-ce" in capsys.readouterr().err

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from logitpair.threat import Linf  # noqa: E402
 
-__all__ = ["Linf", "__version__", "load_model"]
+__all__ = ["Linf", "__version__", "evaluate", "load_model"]
 
 
 def load_model(path, *, device="cpu"):  # noqa: ANN001, ANN201
@@ -16,3 +16,10 @@ def load_model(path, *, device="cpu"):  # noqa: ANN001, ANN201
     from logitpair.checkpoint import load_model as _load_model
 
     return _load_model(path, device=device)
+
+
+def evaluate(model, x, y, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    """Run an attack suite on any model; see :func:`logitpair.protocol.evaluate`."""
+    from logitpair.protocol import evaluate as _evaluate
+
+    return _evaluate(model, x, y, **kwargs)

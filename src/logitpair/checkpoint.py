@@ -5,7 +5,10 @@ holding ``model.safetensors``, ``train_state.safetensors`` (optimizer tensors, R
 ``state.json`` and ``manifest.json`` (format and SHA-256 of every file). It is written as
 ``ckpt-<step>.tmp/``, fsynced, then renamed; ``checkpoints/latest`` names the newest complete
 one and is itself replaced by an atomic rename. Older checkpoints are removed only after
-the new one is complete.
+the new one is complete, by renaming them to ``ckpt-<step>.del/`` first. What a killed
+writer leaves (``*.tmp``, ``*.del``) is deleted by the next save. A failed write (disk
+full) raises :class:`CheckpointError` and leaves the previous checkpoint and ``latest`` as
+they were.
 
 An exported model is ``model.safetensors`` + ``model.json`` (architecture, dataset, method,
 resolved config, metrics, package version, SHA-256 of the weights) in the run directory.
@@ -72,18 +75,65 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], me
 
 
 # --------------------------------------------------------------------------- training checkpoints
+_STALE_RE = re.compile(r"^(ckpt-\d+\.(tmp|del)|\.latest\.tmp-\d+)$")
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for an OS or safetensors write error."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} [Errno {exc.errno}]" if exc.errno else exc.strerror
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint directory: rename it to ``<name>.del`` first, so that a crash in
+    the middle of the removal never leaves a half-deleted ``ckpt-*`` that looks complete."""
+    trash = path.with_name(path.name + ".del")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_stale(root: Path) -> None:
+    """Delete what a killed writer left in ``root``: ``ckpt-*.tmp`` / ``ckpt-*.del``
+    directories and ``.latest.tmp-*`` files (only one process writes a run at a time)."""
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if _STALE_RE.match(p.name):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def save_checkpoint(
     root: Path, step: int, files: dict[str, dict[str, Tensor]], state: dict[str, Any], keep: int = 2
 ) -> Path:
-    """Write checkpoint ``ckpt-<step>`` under ``root`` atomically and point ``latest`` at it."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write checkpoint ``ckpt-<step>`` under ``root`` atomically and point ``latest`` at it.
+
+    A failed write (disk full, I/O error) raises :class:`CheckpointError` naming the
+    checkpoint and the OS error; the previous checkpoint and ``latest`` are left as they
+    were and no ``.tmp`` directory remains.
+    """
     name = f"ckpt-{step:09d}"
     final = root / name
     tmp = root / f"{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    pointer = root / "latest"
+
+    def failed(exc: BaseException) -> CheckpointError:
+        try:
+            prev = pointer.read_text().strip() if pointer.is_file() else None
+        except OSError:
+            prev = None
+        kept = f"the previous checkpoint {prev} is kept" if prev else "no earlier checkpoint exists"
+        return CheckpointError(f"cannot write checkpoint {final}: {_reason(exc)}; {kept}")
+
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale(root)
+        tmp.mkdir()
         for fname, tensors in files.items():
             _save_tensors(tmp / f"{fname}.safetensors", tensors)
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -94,19 +144,39 @@ def save_checkpoint(
             digests[p.name] = sha256_file(p)
         write_json(tmp / "manifest.json", {"format": FORMAT, "step": step, "sha256": digests})
         fsync_dir(tmp)
-        if final.exists():  # same step saved twice (e.g. end of epoch == checkpoint_every)
-            shutil.rmtree(final)
+        if final.exists():  # same step saved again, e.g. after resuming from an older checkpoint
+            _discard(final)
         os.replace(tmp, final)
         fsync_dir(root)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise failed(exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_text(root / "latest", name + "\n")
+    try:
+        write_text(pointer, name + "\n")
+    except OSError as exc:
+        err = failed(exc)  # ``latest`` still names the previous checkpoint: drop the new one
+        shutil.rmtree(final, ignore_errors=True)
+        raise err from None
+    prune(root, keep)
+    return final
+
+
+def prune(root: Path, keep: int = 2) -> None:
+    """Remove all but the ``keep`` newest checkpoints (never the one ``latest`` names)."""
+    try:
+        current = (root / "latest").read_text().strip()
+    except OSError:
+        current = None
     complete = sorted(p for p in root.iterdir() if _CKPT_RE.match(p.name))
     for old in complete[:-keep]:
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+        if old.name != current:
+            try:
+                _discard(old)
+            except OSError:
+                pass  # an old checkpoint that cannot be removed now is removed by a later save
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -146,12 +216,16 @@ def export_model(run_dir: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Write ``model.safetensors`` then ``model.json`` (with the weights' SHA-256), atomically."""
     weights = run_dir / "model.safetensors"
     tmp = run_dir / ".model.safetensors.tmp"
-    _save_tensors(tmp, model.state_dict())
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    digest = sha256_file(tmp)
-    os.replace(tmp, weights)
-    write_json(run_dir / "model.json", {"format": MODEL_FORMAT, **meta, "sha256": digest})
+    try:
+        _save_tensors(tmp, model.state_dict())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, weights)
+        write_json(run_dir / "model.json", {"format": MODEL_FORMAT, **meta, "sha256": digest})
+    except (OSError, SafetensorError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot export the model to {run_dir}: {_reason(exc)}") from None
 
 
 def _check_not_pickle(path: Path) -> None:

@@ -88,9 +88,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from logitpair.evalrun import EvalOptions, evaluate_run
     from logitpair.progress import make_progress
 
+    from logitpair.suites import get_suite, parse_attacks
+
+    if args.suite != "none":
+        get_suite(args.suite)  # validate before any work
     opts = EvalOptions(
         n=args.n, eps=args.eps, steps=args.steps, restarts=args.restarts, step_size=args.step_size,
         targeted=args.targeted, top5=args.top5, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size,
+        suite=None if args.suite == "none" else args.suite,
+        attacks=tuple(parse_attacks(args.attacks)) if args.attacks else (),
+        save_adversarial=args.save_adversarial, resume=not args.no_resume,
     )  # fmt: skip
     ev = evaluate_run(args.run, opts, source=args.source, progress=make_progress(_quiet(args)))
     if args.json:
@@ -150,9 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="run whose adversarial examples are transferred (black-box)")
     p.add_argument("--n", type=int, default=None, help="first N test points (default: all)")
     p.add_argument("--eps", type=_fraction, default=None, help="L-inf radius (default: the training eps)")
-    p.add_argument("--steps", type=int, default=40, help="PGD steps (default 40)")
-    p.add_argument("--restarts", type=int, default=2, help="PGD random restarts (default 2)")
-    p.add_argument("--step-size", type=_fraction, default=None, help="PGD step (default 2.5*eps/steps)")
+    p.add_argument(
+        "--suite", default="standard",
+        help="strong attack suite after the PGD baseline: quick, standard (default), thorough, targeted, pgd40 or none",
+    )  # fmt: skip
+    p.add_argument("--attacks", help="explicit attack list instead of the suite, e.g. apgd-ce:steps=50,square:queries=1000")
+    p.add_argument("--steps", type=int, default=40, help="baseline PGD steps (default 40)")
+    p.add_argument("--restarts", type=int, default=2, help="baseline PGD random restarts (default 2)")
+    p.add_argument("--step-size", type=_fraction, default=None, help="baseline PGD step (default 2.5*eps/steps)")
+    p.add_argument("--save-adversarial", metavar="FILE", help="write the adversarial examples (safetensors)")
+    p.add_argument("--no-resume", action="store_true", help="ignore saved partial results of an earlier evaluation")
     p.add_argument("--targeted", action="store_true", help="targeted PGD towards a random other class")
     p.add_argument("--top5", action="store_true", help="also report top-5 accuracy")
     p.add_argument("--seed", type=int, default=0)
@@ -169,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the training budget (for quick runs)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    from logitpair.cli_audit import add_parser as add_audit
+
+    add_audit(sub)
 
     p = sub.add_parser("list", help="list registered models, datasets, methods and attacks")
     p.set_defaults(func=cmd_list)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -82,6 +82,8 @@ class RunConfig:
 
         METHODS.get(self.method)
         MODELS.get(self.model)
+        if not 0 <= self.seed < 2**32:  # train() derives generator seeds as seed * 100_003 + epoch
+            raise ConfigError(f"seed: expected 0 <= seed < 2**32, got {self.seed}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every: expected >= 0, got {self.checkpoint_every}")
         if self.val_points < 0:
@@ -110,35 +112,45 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_short(value)}")
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
         try:
-            return int(value)
+            out = int(value)
         except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{key}: expected an integer, got {_short(value)}") from None
+        if not -(2**63) <= out < 2**63:
+            raise ConfigError(f"{key}: integer out of range (|value| >= 2**63): {_short(value)}")
+        return out
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
         out = parse_fraction(value, key)
-        if out != out:
-            raise ConfigError(f"{key}: expected a number, got NaN")
+        if not math.isfinite(out):
+            raise ConfigError(f"{key}: expected a finite number, got {out}")
         return out
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_short(value)}")
         return value
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _short(value: Any, fmt: Any = repr) -> str:
+    """``repr`` (or ``fmt``) of a config value, cut to keep error messages to one short line."""
+    text = fmt(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
 
 
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, validating keys and types."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted((k for k in values if k not in names), key=repr)  # keys from YAML may be any type
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys: {', '.join(sorted(names))}")
+        key = _short(unknown[0], str if isinstance(unknown[0], str) and unknown[0].isprintable() else repr)
+        raise ConfigError(f"unknown config key {prefix}{key}; valid keys: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
     try:
         return cls(**kwargs)

@@ -27,8 +27,12 @@ def parse_fraction(value: str | float | int, name: str = "value") -> float:
     """Parse ``0.1``, ``"8/255"`` or ``"0.03"`` into a float without ``eval``."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    text = str(value).strip()
     try:
-        return float(Fraction(str(value).strip()))
+        return float(Fraction(text))
+    except OverflowError:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise ConfigError(f"{name}: number too large: {shown!r}") from None
     except (ValueError, ZeroDivisionError) as exc:
         raise ConfigError(f"{name}: expected a number such as 0.1 or 8/255, got {value!r}") from exc
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,12 +31,14 @@ from logitpair.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     optimizer_state,
+    prune,
+    remove_stale,
     restore_optimizer,
     save_checkpoint,
 )
 from logitpair.config import RunConfig, build, to_dict
 from logitpair.data import Splits, load_dataset
-from logitpair.errors import ConfigError, TrainingDiverged
+from logitpair.errors import CheckpointError, ConfigError, TrainingDiverged
 from logitpair.io import write_json, write_text
 from logitpair.methods import METHODS
 from logitpair.models import create_model
@@ -114,25 +117,63 @@ def validate(model: nn.Module, splits: Splits, cfg: RunConfig) -> dict[str, floa
     return out
 
 
-def prepare_run_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+# what a process killed while writing leaves in a run directory: io.atomic_write's
+# ``.<name>.tmp-<pid>``, export_model's ``.model.safetensors.tmp``, safetensors' ``.tmpXXXXXX``
+_STALE_RE = re.compile(r"^\.(.+\.tmp-\d+|model\.safetensors\.tmp|tmp\w{6})$")
+
+
+def _write(write: Any, path: Path, obj: Any) -> None:
+    """``write(path, obj)``, with an OS error (disk full) as one-line :class:`CheckpointError`."""
+    try:
+        write(path, obj)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def remove_leftovers(out_dir: Path) -> None:
+    """Delete the temporary files of a killed run, and the old checkpoint it had no time to
+    prune (only one process writes a run at a time)."""
+    if out_dir.is_dir():
+        for p in out_dir.iterdir():
+            if _STALE_RE.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+        ckpts = out_dir / "checkpoints"
+        if ckpts.is_dir():
+            remove_stale(ckpts)
+            prune(ckpts)
+
+
+def prepare_run_dir(
+    out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool, log: Logger = null_log
+) -> None:
     cfg_path = out_dir / "config.json"
     if resume:
-        if not cfg_path.is_file():
+        if cfg_path.is_file():
+            try:
+                stored = json.loads(cfg_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"--resume: cannot read {cfg_path} ({exc})") from None
+            new = to_dict(cfg)
+            if stored != new:
+                diff = _first_difference(stored, new)
+                raise ConfigError(f"--resume: the config differs from the one stored in {cfg_path} ({diff})")
+            remove_leftovers(out_dir)
+            if not (out_dir / "env.json").is_file():  # killed right after writing config.json
+                _write(write_json, out_dir / "env.json", environment())
+            return
+        if out_dir.exists() and any(not _STALE_RE.match(p.name) for p in out_dir.iterdir()):
             raise ConfigError(f"--resume: {out_dir} holds no run (no config.json)")
-        stored = json.loads(cfg_path.read_text())
-        new = to_dict(cfg)
-        if stored != new:
-            diff = _first_difference(stored, new)
-            raise ConfigError(f"--resume: the config differs from the one stored in {cfg_path} ({diff})")
-        return
-    if out_dir.exists() and any(out_dir.iterdir()):
+        # a run killed before it wrote config.json saved nothing: start it from the beginning
+        remove_leftovers(out_dir)
+        log(f"--resume: nothing saved in {out_dir} yet; starting the run from the beginning")
+    elif out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             what = "a different run" if cfg_path.is_file() else "files"
             raise ConfigError(f"--out {out_dir}: directory holds {what}; pass --resume to continue it or --overwrite")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(cfg_path, to_dict(cfg))
-    write_json(out_dir / "env.json", environment())
+    _write(write_json, cfg_path, to_dict(cfg))
+    _write(write_json, out_dir / "env.json", environment())
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
@@ -162,7 +203,7 @@ def train(
     out_dir = Path(out_dir)
     loss_fn = METHODS.get(cfg.method)
     splits = splits or load_dataset(cfg.data.dataset, cfg.data.data_dir, cfg.data.val_size, cfg.seed)
-    prepare_run_dir(out_dir, cfg, resume, overwrite)
+    prepare_run_dir(out_dir, cfg, resume, overwrite, log)
     ckpt_root = out_dir / "checkpoints"
 
     torch.manual_seed(cfg.seed)
@@ -268,7 +309,7 @@ def train(
             state["best"] = [epoch + 1, record[key]]
             best_weights = {k: v.clone() for k, v in model.state_dict().items()}
         state.update(epoch=epoch + 1, pos=0, acc={})
-        write_text(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
+        _write(write_text, out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
         checkpoint()
 
     final = model.state_dict()
@@ -286,8 +327,9 @@ def train(
         "version": __version__,
     }
     export_model(out_dir, model, meta)
-    write_json(out_dir / "train.json", {"train_seconds": state["train_seconds"], "history": state["history"],
-                                        "steps": state["step"], "skipped_batches": state["skipped"]})
+    summary = {"train_seconds": state["train_seconds"], "history": state["history"],
+               "steps": state["step"], "skipped_batches": state["skipped"]}  # fmt: skip
+    _write(write_json, out_dir / "train.json", summary)
     del final
     return TrainResult(out_dir, model.eval(), state["history"], state["train_seconds"])
 

@@ -44,6 +44,11 @@ def _parse_header(path: Path, head: bytes) -> tuple[np.dtype, tuple[int, ...], i
             f"{path}: truncated IDX header: expected {header_size} bytes for {ndim} dimensions, got {len(head)}"
         )
     shape = struct.unpack(f">{ndim}I", head[4:header_size])
+    nominal = _TYPES[code].itemsize
+    for s in shape:
+        nominal *= max(s, 1)  # numpy refuses such shapes even when a 0 makes them empty
+    if nominal > MAX_BYTES:
+        raise DataError(f"{path}: IDX header shape {shape} is impossible: needs over {MAX_BYTES >> 30} GiB")
     return _TYPES[code], tuple(shape), header_size
 
 

@@ -1,0 +1,59 @@
+"""The ``logitpair audit`` subcommand: gradient-masking checks on a run directory.
+
+``logitpair audit RUN [--source OTHER_RUN] [--quick] [--n N] [--seed S] [--data-dir D] [--json] [--quiet]``
+writes ``audit.json``, ``audit.md`` and plots into RUN and prints the Markdown report (or
+the JSON with ``--json``). See :mod:`logitpair.audit` for the checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from logitpair.audit import audit_markdown, audit_run
+    from logitpair.errors import ConfigError
+    from logitpair.progress import make_progress
+
+    if args.n is not None and args.n < 1:
+        raise ConfigError(f"--n: expected >= 1, got {args.n}")
+    quiet = bool(args.quiet or os.environ.get("CI"))
+    doc = audit_run(
+        args.run,
+        source=args.source,
+        quick=args.quick,
+        n=args.n,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        progress=make_progress(quiet),
+    )
+    print(json.dumps(doc, indent=2) if args.json else audit_markdown(doc))
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``audit`` to the ``logitpair`` command's subparsers."""
+    p = subparsers.add_parser(
+        "audit",
+        help="gradient-masking audit of a run (Carlini et al. 2019 checks); writes audit.json / audit.md",
+        description="Run the named gradient-masking checks of logitpair.audit on a trained run: eps "
+        "monotonicity, large-eps success, steps / restarts / FGSM / noise / transfer / Square "
+        "consistency, the PGD-40 vs strong-suite gap, determinism and gradient health.",
+    )
+    p.add_argument("run", help="run directory or checkpoint")
+    p.add_argument("--source", help="independently trained run used as the transfer (black-box) source")
+    p.add_argument(
+        "--quick", action="store_true", help="quick suite and shorter series (default N 200 instead of 500)"
+    )
+    p.add_argument(
+        "--n", type=int, default=None, help="first N test points (default 500, or 200 with --quick)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every random start (default 0)")
+    p.add_argument("--data-dir", help="override the dataset folder")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of Markdown")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_audit)
+    return p

@@ -1,0 +1,32 @@
+"""The demo pipeline end to end on tiny generated data (the real demo runs in README command 1)."""
+
+from __future__ import annotations
+
+import json
+
+from logitpair.demo import DemoOptions, run_demo
+from logitpair.protocol import AttackSpec
+
+
+def test_demo_writes_results_and_replaces_atomically(tmp_path, data_dir):
+    out = tmp_path / "runs" / "demo"
+    tiny_suite = (AttackSpec("apgd-ce", {"steps": 10}), AttackSpec("square", {"queries": 50}))
+    opts = DemoOptions(out=out, n=40, data_dir=str(data_dir), scale=0.35, val_size=100, epochs=1, attacks=tiny_suite)
+    run_demo(opts)
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"regular", "mpgd", "alp", "clp", "lsq"}
+    for r in rows.values():
+        for key in ("clean", "white_box", "strong", "black_box"):
+            assert 0.0 <= r[key] <= 1.0
+        assert r["strong"] <= r["white_box"] <= r["clean"] and r["black_box"] <= r["clean"]
+        assert r["n"] == 40 and r["train_seconds"] > 0
+        assert (out / r["method"] / "model.safetensors").is_file() and r["run_dir"] == str(out / r["method"])
+    for name in ("report.md", "accuracy_vs_eps.png", "adversarial_examples.png", "logit_norms.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    assert "| method | White box: PGD-40 (paper) | White box: worst case of strong suite | Black box | Clean |" in report
+    first = (out / "results.json").read_text()
+    run_demo(opts)  # rerunning replaces the old demo
+    assert (out / "results.json").is_file() and (out / "results.json").read_text() != "" and first
+    assert [p.name for p in out.parent.iterdir()] == ["demo"], "no temporary directories left behind"
