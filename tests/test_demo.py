@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from logitpair.audit import AuditSettings
 from logitpair.demo import DemoOptions, run_demo
 from logitpair.protocol import AttackSpec
 
@@ -11,7 +12,12 @@ from logitpair.protocol import AttackSpec
 def test_demo_writes_results_and_replaces_atomically(tmp_path, data_dir):
     out = tmp_path / "runs" / "demo"
     tiny_suite = (AttackSpec("apgd-ce", {"steps": 10}), AttackSpec("square", {"queries": 50}))
-    opts = DemoOptions(out=out, n=40, data_dir=str(data_dir), scale=0.35, val_size=100, epochs=1, attacks=tiny_suite)
+    tiny_audit = AuditSettings(
+        suite=tiny_suite, eps_factors=(1.0, 2.0), sweep_steps=3, steps_series=(3, 6), restarts_series=(1, 2),
+        restarts_steps=3, noise_samples=2, surface_points=1, surface_grid=5,
+    )  # fmt: skip
+    opts = DemoOptions(out=out, n=40, data_dir=str(data_dir), scale=0.35, val_size=100, epochs=1, attacks=tiny_suite,
+                       audit_points=20, audit=tiny_audit)  # fmt: skip
     run_demo(opts)
     results = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in results["rows"]}
@@ -21,6 +27,8 @@ def test_demo_writes_results_and_replaces_atomically(tmp_path, data_dir):
             assert 0.0 <= r[key] <= 1.0
         assert r["strong"] <= r["white_box"] <= r["clean"] and r["black_box"] <= r["clean"]
         assert r["n"] == 40 and r["train_seconds"] > 0
+        assert r["audit"] in ("pass", "suspect") and (r["audit"] == "suspect") == bool(r["audit_failed"])
+        assert (out / r["method"] / "audit.json").is_file()
         assert (out / r["method"] / "model.safetensors").is_file() and r["run_dir"] == str(out / r["method"])
     for name in ("report.md", "accuracy_vs_eps.png", "adversarial_examples.png", "logit_norms.png"):
         assert (out / name).stat().st_size > 0, name

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from logitpair.attacks.common import predict
+from logitpair.audit import AuditSettings, audit_run
 from logitpair.checkpoint import load_model
 from logitpair.config import RunConfig, make_config, merge
 from logitpair.data import load_dataset
@@ -40,9 +41,22 @@ DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("alp", {"method": "alp", "loss": {"lam": 0.5}, "optim": {"epochs": 2}}),
     ("clp", {"method": "clp", "loss": {"lam": 0.5}, "optim": {"epochs": 3}}),
     ("lsq", {"method": "lsq", "loss": {"lam": 0.05}, "optim": {"epochs": 3}}),
-    ("mpgd-source", {"method": "mpgd", "seed": 1, "optim": {"epochs": 2}}),
+    ("mpgd-source", {"method": "mpgd", "seed": 1, "optim": {"epochs": 1}}),
 ]
 SOURCE = "mpgd-source"
+
+# the quick audit with shorter series, sized to fit the demo's time budget
+DEMO_AUDIT = AuditSettings(
+    suite="quick",
+    eps_factors=(0.5, 1.0, 2.0, 3.0),
+    sweep_steps=10,
+    steps_series=(5, 10, 20, 50),
+    restarts_series=(1, 2, 4),
+    restarts_steps=10,
+    noise_samples=10,
+    surface_points=2,
+    surface_grid=11,
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,8 @@ class DemoOptions:
     val_size: int = 5000
     epochs: int | None = None  # override every run's epochs (tests)
     attacks: tuple[AttackSpec, ...] = ()  # replaces the quick suite (tests use a tiny one)
+    audit_points: int = 150
+    audit: AuditSettings | None = None  # default DEMO_AUDIT
 
 
 def demo_configs(opts: DemoOptions) -> dict[str, RunConfig]:
@@ -126,6 +142,11 @@ def _run(opts: DemoOptions, tmp: Path, final: Path, progress: ProgressFactory, l
         grid = run_protocol(model, x[:8], y[:8], [pgd_spec(40, 1)], threat=Linf(EPS), keep_adversarial=True)
         grids[name] = (x[:8], grid.adversarial)
         norms[name] = predict(model, x).norm(dim=1)
+        log(f"[demo] quick gradient-masking audit of {name}")
+        aud = audit_run(
+            tmp / name, source=tmp / SOURCE, n=min(n, opts.audit_points), data_dir=opts.data_dir, eps=EPS,
+            settings=opts.audit or DEMO_AUDIT, progress=progress,
+        )  # fmt: skip
         rows.append(
             {
                 "method": name,
@@ -142,6 +163,9 @@ def _run(opts: DemoOptions, tmp: Path, final: Path, progress: ProgressFactory, l
                 "median_logit_norm": float(norms[name].median()),
                 "epochs": cfgs[name].optim.epochs,
                 "run_dir": str(final / name),
+                "audit": aud["verdict"],
+                "audit_failed": [c["name"] for c in aud["checks"] if c["passed"] is False],
+                "audit_reasons": aud.get("reasons", []),
                 "evaluation": ev,
             }
         )
@@ -181,6 +205,7 @@ def demo_markdown(results: dict[str, Any], cfgs: dict[str, RunConfig]) -> str:
                 pct_ci(ev["clean"]),
                 f"{r['train_seconds']:.0f}",
                 f"{r['median_logit_norm']:.1f}",
+                r["audit"] + (" (" + ", ".join(r["audit_failed"]) + ")" if r["audit_failed"] else ""),
             ]
         )
     text = "# logitpair demo: logit pairing on Fashion-MNIST\n\n"
@@ -192,7 +217,7 @@ def demo_markdown(results: dict[str, Any], cfgs: dict[str, RunConfig]) -> str:
     )
     text += markdown_table(
         ["method", "White box: PGD-40 (paper)", "White box: worst case of strong suite", "Black box", "Clean",
-         "train s", "median ‖logits‖"],
+         "train s", "median ‖logits‖", "audit (quick)"],
         rows,
     )  # fmt: skip
     text += "\nTraining settings (model lenet5, Adam, cosine schedule, batch 128):\n\n"
