@@ -53,11 +53,9 @@ def small_cnn() -> nn.Module:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def trained_model(tiny_data: tuple[torch.Tensor, torch.Tensor]) -> nn.Module:
-    """An undefended small CNN trained to high clean accuracy on the tiny data (about 1 s)."""
-    torch.manual_seed(0)
-    x, y = tiny_data
+def train_small_cnn(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Train ``small_cnn`` for 4 epochs of Adam on (x, y); returns it in eval mode."""
+    torch.manual_seed(seed)
     model = small_cnn()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(4):
@@ -66,7 +64,14 @@ def trained_model(tiny_data: tuple[torch.Tensor, torch.Tensor]) -> nn.Module:
             opt.zero_grad()
             loss.backward()
             opt.step()
-    model.eval()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_model(tiny_data: tuple[torch.Tensor, torch.Tensor]) -> nn.Module:
+    """An undefended small CNN trained to high clean accuracy on the tiny data (about 1 s)."""
+    x, y = tiny_data
+    model = train_small_cnn(x, y, seed=0)
     acc = (model(x).argmax(1) == y).float().mean()
     assert acc > 0.9, f"fixture model failed to train ({acc:.2f})"
     return model

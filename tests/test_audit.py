@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_images, small_cnn
+from conftest import make_images, train_small_cnn
 from torch import Tensor, nn
 
 from logitpair.audit import CHECK_DOCS, CHECK_NAMES, AuditSettings, audit, audit_run, paired_rise
@@ -52,14 +51,6 @@ SMALL = AuditSettings(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def points() -> tuple[Tensor, Tensor]:
     """100 held-out points of the tiny synthetic task."""
@@ -70,17 +61,7 @@ def points() -> tuple[Tensor, Tensor]:
 @pytest.fixture(scope="module")
 def source_model(tiny_data: tuple[Tensor, Tensor]) -> nn.Module:
     """A second, independently initialised CNN (the transfer source)."""
-    torch.manual_seed(1)
-    x, y = tiny_data
-    model = small_cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(4):
-        for i in range(0, len(x), 64):
-            loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_small_cnn(*tiny_data, seed=1)
 
 
 # --------------------------------------------------------------------------- masked models

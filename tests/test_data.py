@@ -8,11 +8,10 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import write_mnist_dir
 
 from logitpair.data import load_dataset, read_idx, split_validation, write_idx
 from logitpair.errors import DataError
-
-from conftest import write_mnist_dir
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])

@@ -37,14 +37,6 @@ TRAIN = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every path under ``root`` with its kind, size, mtime and (for files) SHA-256."""
     out = {}

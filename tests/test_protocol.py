@@ -31,7 +31,7 @@ def _points(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _breaker(ids: set[int], calls: list[list[int]]):
-    def attack(model, x, y, *, threat, generator=None):  # noqa: ANN001, ANN202
+    def attack(model, x, y, *, threat, generator=None):
         pid = (x[:, 0, 0, 10] * 100).round().long()
         calls.append(pid.tolist())
         out = x.clone()
@@ -75,7 +75,7 @@ def test_interrupted_protocol_resumes_to_the_same_result(tmp_path, trained_model
     real = ATTACKS._items["square"]
     calls = {"n": 0}
 
-    def dying(*a, **k):  # noqa: ANN002, ANN003, ANN202
+    def dying(*a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
@@ -87,7 +87,7 @@ def test_interrupted_protocol_resumes_to_the_same_result(tmp_path, trained_model
     monkeypatch.setitem(ATTACKS._items, "square", real)
     counted = {"n": 0}
 
-    def counting(*a, **k):  # noqa: ANN002, ANN003, ANN202
+    def counting(*a, **k):
         counted["n"] += 1
         return real(*a, **k)
 

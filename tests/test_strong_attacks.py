@@ -7,7 +7,6 @@ Everything runs on a tiny MLP trained for a fraction of a second on separable sy
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -34,15 +33,6 @@ def _data(n: int, g: torch.Generator, protos: Tensor) -> tuple[Tensor, Tensor]:
     y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
     x = (0.5 + 0.15 * protos[y] + 0.15 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1)
     return x, y
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +101,7 @@ def test_invariants(setup, name: str, dtype: torch.dtype) -> None:
 def test_seeded_runs_are_deterministic(setup, name: str) -> None:
     model, x, y = setup
     x, y = x[:32], y[:32]
-    run = lambda seed: ATTACKS.get(name)(  # noqa: E731
+    run = lambda seed: ATTACKS.get(name)(
         model, x, y, threat=Linf(0.1), generator=gen(seed), **SMALL_BUDGET[name]
     )
     assert torch.equal(run(3), run(3))
@@ -340,11 +330,11 @@ def test_apgd_t_targets_the_top_ranked_other_classes(setup) -> None:
 
 class _NoBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001
+    def forward(ctx, x: Tensor) -> Tensor:
         return x.clone()
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+    def backward(ctx, grad: Tensor) -> Tensor:
         raise RuntimeError("gradient requested from a score-based attack")
 
 

@@ -36,9 +36,9 @@ def splits(data_dir):
     return type(s)(train=s.train.subset(slice(0, 300)), val=s.val, test=s.test, name=s.name, source=s.source)
 
 
-@pytest.mark.parametrize("method", ["alp", "clp"])
-def test_resume_mid_epoch_equals_uninterrupted(tmp_path, data_dir, splits, method):
-    cfg = tiny_cfg(data_dir, method=method, checkpoint_every=4)
+@pytest.mark.parametrize("method, ema", [("alp", 0.0), ("clp", 0.9)])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, data_dir, splits, method, ema):
+    cfg = tiny_cfg(data_dir, method=method, checkpoint_every=4, ema_decay=ema)
     full = train(cfg, tmp_path / "full", splits=splits)
     # interrupted after 5 steps (mid-epoch: 6 steps per epoch), resumed, interrupted again, resumed
     train(cfg, tmp_path / "cut", splits=splits, stop_after_steps=5)
@@ -51,7 +51,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, data_dir, splits, metho
     assert [h["train_loss"] for h in full.history] == [h["train_loss"] for h in resumed.history]
     a = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda lines: [{k: v for k, v in json.loads(s).items() if k != "train_seconds"} for s in lines]  # noqa: E731
+    strip = lambda lines: [{k: v for k, v in json.loads(s).items() if k != "train_seconds"} for s in lines]
     assert strip(a) == strip(b)
 
 
@@ -143,3 +143,20 @@ def test_out_dir_protection(tmp_path, data_dir, splits):
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
     train(other, tmp_path / "run", splits=splits, overwrite=True)
     assert json.loads((tmp_path / "run" / "model.json").read_text())["method"] == "clp"
+
+
+def test_ema_weights_are_exported(tmp_path, data_dir, splits):
+    from logitpair.train import update_ema
+
+    plain = train(tiny_cfg(data_dir, method="regular", optim={"epochs": 1, "batch_size": 50}), tmp_path / "a", splits=splits)
+    ema = train(tiny_cfg(data_dir, method="regular", ema_decay=0.5, optim={"epochs": 1, "batch_size": 50}),
+                tmp_path / "b", splits=splits)  # fmt: skip
+    a, b = plain.model.state_dict(), load_model(tmp_path / "b").state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a), "EMA weights must differ from the last iterate"
+    assert all(torch.equal(v, ema.model.state_dict()[k]) for k, v in b.items())
+    lin = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(2.0)
+    e = {"weight": torch.zeros(1, 2)}
+    update_ema(e, lin, 0.75)
+    assert torch.allclose(e["weight"], torch.full((1, 2), 0.5))

@@ -6,19 +6,19 @@ attacks and checks around it.
 
 __version__ = "0.1.0"
 
-from logitpair.threat import Linf  # noqa: E402
+from logitpair.threat import Linf
 
 __all__ = ["Linf", "__version__", "evaluate", "load_model"]
 
 
-def load_model(path, *, device="cpu"):  # noqa: ANN001, ANN201
+def load_model(path, *, device="cpu"):
     """Load a trained model from a run directory or checkpoint (see :mod:`logitpair.checkpoint`)."""
     from logitpair.checkpoint import load_model as _load_model
 
     return _load_model(path, device=device)
 
 
-def evaluate(model, x, y, **kwargs):  # noqa: ANN001, ANN003, ANN201
+def evaluate(model, x, y, **kwargs):
     """Run an attack suite on any model; see :func:`logitpair.protocol.evaluate`."""
     from logitpair.protocol import evaluate as _evaluate
 

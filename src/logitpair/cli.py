@@ -44,6 +44,7 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--checkpoint-every", "checkpoint_every", int, "also checkpoint every N steps"),
     ("--select", "select", str, "exported weights: last, best-robust or best-clean"),
     ("--on-nonfinite", "on_nonfinite", str, "stop or skip on a NaN/inf loss"),
+    ("--ema-decay", "ema_decay", _fraction, "EMA of the weights for validation and export (0 = off)"),
 ]
 
 
@@ -65,7 +66,7 @@ def _quiet(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "quiet", False) or os.environ.get("CI"))
 
 
-def _log(args: argparse.Namespace):  # noqa: ANN202
+def _log(args: argparse.Namespace):
     quiet = bool(getattr(args, "quiet", False))
     return (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
@@ -87,7 +88,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from logitpair.evalrun import EvalOptions, evaluate_run
     from logitpair.progress import make_progress
-
     from logitpair.suites import get_suite, parse_attacks
 
     if args.suite != "none":

@@ -72,6 +72,7 @@ class RunConfig:
     val_attack_steps: int = 10
     select: str = "last"  # which weights the run exports: last | best-robust | best-clean
     on_nonfinite: str = "stop"  # stop | skip (skip the batch and count it)
+    ema_decay: float = 0.0  # exponential moving average of the weights (official ALP code: 0.9999); 0 = off
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: MethodConfig = field(default_factory=MethodConfig)
@@ -92,6 +93,8 @@ class RunConfig:
             raise ConfigError(f"val_attack_steps: expected >= 1, got {self.val_attack_steps}")
         if self.select not in ("last", "best-robust", "best-clean"):
             raise ConfigError(f"select: expected last, best-robust or best-clean, got {self.select!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay: expected 0 <= ema_decay < 1, got {self.ema_decay}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite: expected stop or skip, got {self.on_nonfinite!r}")
 

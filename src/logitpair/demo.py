@@ -15,18 +15,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from logitpair.attacks.common import predict
 from logitpair.audit import AuditSettings, audit_run
 from logitpair.checkpoint import load_model
 from logitpair.config import RunConfig, make_config, merge
 from logitpair.data import load_dataset
 from logitpair.evalrun import EvalOptions, evaluate_run
-from logitpair.protocol import AttackSpec, accuracy_vs_eps, pgd_spec, run_protocol
 from logitpair.io import replace_dir, write_json, write_text
 from logitpair.metrics import summarize
 from logitpair.progress import Logger, ProgressFactory, null_log, null_progress
+from logitpair.protocol import AttackSpec, accuracy_vs_eps, pgd_spec, run_protocol
 from logitpair.report import markdown_table, pct_ci, plot_curves, plot_histograms, plot_image_grid
 from logitpair.threat import Linf
 from logitpair.train import environment, train
@@ -101,7 +99,7 @@ def run_demo(opts: DemoOptions, *, progress: ProgressFactory = null_progress, lo
     return results
 
 
-def _subsample(splits, scale: float):  # noqa: ANN001, ANN202
+def _subsample(splits, scale: float):
     if scale >= 1.0:
         return splits
     k = max(int(len(splits.train) * scale), 64)

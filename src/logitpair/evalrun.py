@@ -16,10 +16,10 @@ from torch import nn
 from logitpair.checkpoint import load_model
 from logitpair.data import load_dataset
 from logitpair.errors import ConfigError
-from logitpair.metrics import summarize
-from logitpair.protocol import AttackSpec, pgd_spec, run_protocol
 from logitpair.io import write_json, write_text
+from logitpair.metrics import summarize
 from logitpair.progress import ProgressFactory, null_progress
+from logitpair.protocol import AttackSpec, pgd_spec, run_protocol
 from logitpair.report import markdown_table, pct_ci
 from logitpair.threat import Linf
 
@@ -56,7 +56,7 @@ class EvalOptions:
             raise ConfigError(f"--batch-size: expected >= 1, got {self.batch_size}")
 
 
-def test_points(model: nn.Module, n: int | None, data_dir: str | None):  # noqa: ANN201
+def test_points(model: nn.Module, n: int | None, data_dir: str | None):
     meta = model.meta
     cfg = meta.get("config") or {}
     dataset = meta.get("dataset") or cfg.get("data", {}).get("dataset", "fashion-mnist")
@@ -129,8 +129,9 @@ def evaluate_run(
         out["black_box"] = {**bb.summary(), "source": str(source)}
     out["seconds"] = time.perf_counter() - t0
     if opts.save_adversarial:
-        from logitpair.io import atomic_write
         from safetensors.torch import save_file
+
+        from logitpair.io import atomic_write
 
         tensors = {"x_adv": wb.adversarial, "y": y, "robust": wb.robust, "broken_by": wb.broken_by}
         atomic_write(

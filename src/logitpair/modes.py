@@ -7,33 +7,30 @@ Attacks and training losses must leave a model exactly as they found it: same
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from torch import nn
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def _mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def eval_mode(model: nn.Module) -> AbstractContextManager[nn.Module]:
     """Put every submodule in eval mode; restore each one's own flag on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    return _mode(model, False)
 
 
-@contextmanager
-def train_mode(model: nn.Module) -> Iterator[nn.Module]:
+def train_mode(model: nn.Module) -> AbstractContextManager[nn.Module]:
     """Put every submodule in train mode; restore each one's own flag on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.train()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    return _mode(model, True)
 
 
 @contextmanager

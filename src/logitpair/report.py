@@ -27,7 +27,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plt():  # noqa: ANN202
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")

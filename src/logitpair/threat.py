@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -23,7 +24,7 @@ from torch import Tensor
 from logitpair.errors import ConfigError
 
 
-def parse_fraction(value: str | float | int, name: str = "value") -> float:
+def parse_fraction(value: str | float, name: str = "value") -> float:
     """Parse ``0.1``, ``"8/255"`` or ``"0.03"`` into a float without ``eval``."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -50,7 +51,7 @@ class Linf:
 
     def __post_init__(self) -> None:
         eps = float(self.eps)
-        if not eps >= 0.0 or eps != eps or eps == float("inf"):
+        if not (math.isfinite(eps) and eps >= 0.0):
             raise ConfigError(f"eps: expected a finite number >= 0, got {self.eps!r}")
         lo, hi = (float(b) for b in self.bounds)
         if not lo < hi:

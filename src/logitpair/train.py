@@ -16,6 +16,7 @@ import platform
 import re
 import shutil
 import time
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,25 @@ def lr_at(step: int, steps_per_epoch: int, cfg: RunConfig) -> float:
         return o.lr * o.step_gamma ** (step // steps_per_epoch // o.step_every)
     total = steps_per_epoch * o.epochs
     return o.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def update_ema(ema: dict[str, Tensor], model: nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * weights`` for float tensors; integer buffers copied."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                ema[k].mul_(decay).add_(v, alpha=1.0 - decay)
+            else:
+                ema[k].copy_(v)
+
+
+def ema_model(model: nn.Module, ema: dict[str, Tensor] | None) -> nn.Module:
+    """The model itself without EMA, else a copy holding the EMA weights (used for validation and export)."""
+    if ema is None:
+        return model
+    copy = deepcopy(model)
+    copy.load_state_dict(ema)
+    return copy
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
@@ -215,12 +235,17 @@ def train(
         "skipped": 0, "acc": {}, "best": None,
     }  # fmt: skip
     best_weights: dict[str, Tensor] | None = None
+    ema: dict[str, Tensor] | None = None
+    if cfg.ema_decay > 0:
+        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
         files, saved = load_checkpoint(ckpt)
         model.load_state_dict(files["model"])
         restore_optimizer(opt, files["train_state"], saved["optimizer"])
         torch.set_rng_state(files["train_state"]["rng"])
         best_weights = files.get("best")
+        if ema is not None:
+            ema = files["ema"]
         state = saved["loop"]
         log(f"resumed from {ckpt.name} (epoch {state['epoch'] + 1}, batch {state['pos']})")
 
@@ -229,6 +254,8 @@ def train(
         files = {"model": model.state_dict(), "train_state": {**tensors, "rng": torch.get_rng_state()}}
         if best_weights is not None:
             files["best"] = best_weights
+        if ema is not None:
+            files["ema"] = ema
         save_checkpoint(
             ckpt_root,
             state["step"],
@@ -273,6 +300,8 @@ def train(
                     log(f"skipped batch {state['pos']} of epoch {epoch + 1}: non-finite loss or gradient")
                 else:
                     opt.step()
+                    if ema is not None:
+                        update_ema(ema, model, cfg.ema_decay)
                     acc = state["acc"]
                     acc["n"] = acc.get("n", 0) + 1
                     for k, v in {"loss": loss.detach(), **metrics}.items():
@@ -298,8 +327,9 @@ def train(
         n = max(acc.pop("n", 0), 1)
         record = {"epoch": epoch + 1, "step": state["step"], "lr": lr_at(state["step"] - 1, steps_per_epoch, cfg)}
         record.update({f"train_{k}": v / n for k, v in acc.items()})
+        evaluated = ema_model(model, ema)
         with torch.no_grad():
-            record.update(validate(model.eval(), splits, cfg))
+            record.update(validate(evaluated.eval(), splits, cfg))
         record["skipped_batches"] = state["skipped"]
         record["train_seconds"] = state["train_seconds"]
         state["history"].append(record)
@@ -307,12 +337,12 @@ def train(
         key = {"best-robust": "val_pgd", "best-clean": "val_clean"}.get(cfg.select)
         if key and key in record and (state["best"] is None or record[key] > state["best"][1]):
             state["best"] = [epoch + 1, record[key]]
-            best_weights = {k: v.clone() for k, v in model.state_dict().items()}
+            best_weights = {k: v.clone() for k, v in evaluated.state_dict().items()}
         state.update(epoch=epoch + 1, pos=0, acc={})
         _write(write_text, out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
         checkpoint()
 
-    final = model.state_dict()
+    model = ema_model(model, ema)
     if best_weights is not None:
         model.load_state_dict(best_weights)
     meta = {
@@ -330,7 +360,6 @@ def train(
     summary = {"train_seconds": state["train_seconds"], "history": state["history"],
                "steps": state["step"], "skipped_batches": state["skipped"]}  # fmt: skip
     _write(write_json, out_dir / "train.json", summary)
-    del final
     return TrainResult(out_dir, model.eval(), state["history"], state["train_seconds"])
 
 

@@ -47,7 +47,7 @@ def _load_split(folder: Path, split: str, classes: tuple[str, ...], hint: str) -
     return ImageDataset(x, y, len(classes), classes)
 
 
-def _idx_loader(default: Path | None, classes: tuple[str, ...], hint: str):  # noqa: ANN202
+def _idx_loader(default: Path | None, classes: tuple[str, ...], hint: str):
     def load(data_dir: Path | None) -> tuple[ImageDataset, ImageDataset, str]:
         folder = data_dir or default
         if folder is None:

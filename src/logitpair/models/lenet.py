@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
-
 from torch.nn import Conv2d
+
 from logitpair.models.registry import MODELS
 
 
