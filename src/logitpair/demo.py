@@ -30,15 +30,16 @@ from logitpair.threat import Linf
 from logitpair.train import environment, train
 
 EPS = 0.1
-CURVE_EPS = [0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3]
+CURVE_EPS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3]
+CURVE_POINTS = 300
 
 # method -> (run name, config overrides); the last one is the black-box source
 DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [
-    ("regular", {"method": "regular", "optim": {"epochs": 3}}),
+    ("regular", {"method": "regular", "optim": {"epochs": 2}}),
     ("mpgd", {"method": "mpgd", "optim": {"epochs": 2}}),
     ("alp", {"method": "alp", "loss": {"lam": 0.5}, "optim": {"epochs": 2}}),
-    ("clp", {"method": "clp", "loss": {"lam": 0.5}, "optim": {"epochs": 3}}),
-    ("lsq", {"method": "lsq", "loss": {"lam": 0.05}, "optim": {"epochs": 3}}),
+    ("clp", {"method": "clp", "loss": {"lam": 0.5}, "optim": {"epochs": 2}}),
+    ("lsq", {"method": "lsq", "loss": {"lam": 0.05}, "optim": {"epochs": 2}}),
     ("mpgd-source", {"method": "mpgd", "seed": 1, "optim": {"epochs": 1}}),
 ]
 SOURCE = "mpgd-source"
@@ -67,7 +68,7 @@ class DemoOptions:
     val_size: int = 5000
     epochs: int | None = None  # override every run's epochs (tests)
     attacks: tuple[AttackSpec, ...] = ()  # replaces the quick suite (tests use a tiny one)
-    audit_points: int = 150
+    audit_points: int = 100
     audit: AuditSettings | None = None  # default DEMO_AUDIT
 
 
@@ -136,7 +137,7 @@ def _run(opts: DemoOptions, tmp: Path, final: Path, progress: ProgressFactory, l
         clean_ok = predict(model, x).argmax(1) == y
         black = clean_ok & (predict(model, x_transfer).argmax(1) == y)
         ev["black_box"] = {**summarize(black), "source": str(final / SOURCE), "attack": "PGD-40x2 on the source"}
-        curves[name] = accuracy_vs_eps(model, x[:500], y[:500], CURVE_EPS, steps=20, progress=progress)
+        curves[name] = accuracy_vs_eps(model, x[:CURVE_POINTS], y[:CURVE_POINTS], CURVE_EPS, steps=20, progress=progress)
         grid = run_protocol(model, x[:8], y[:8], [pgd_spec(40, 1)], threat=Linf(EPS), keep_adversarial=True)
         grids[name] = (x[:8], grid.adversarial)
         norms[name] = predict(model, x).norm(dim=1)
@@ -168,7 +169,7 @@ def _run(opts: DemoOptions, tmp: Path, final: Path, progress: ProgressFactory, l
             }
         )
 
-    plot_curves(tmp / "accuracy_vs_eps.png", curves, "eps", "L∞ ε", "PGD-20 accuracy vs ε (first 500 test points)")
+    plot_curves(tmp / "accuracy_vs_eps.png", curves, "eps", "L∞ ε", f"PGD-20 accuracy vs ε (first {min(CURVE_POINTS, n)} test points)")
     plot_image_grid(tmp / "adversarial_examples.png", grids, EPS)
     plot_histograms(tmp / "logit_norms.png", norms, "‖logits‖₂ on clean test points", "Logit norms per method")
     results = {
