@@ -983,8 +983,10 @@ def audit_markdown(doc: dict[str, Any]) -> str:
     text += "\nA point counts as robust only if it is correct clean and under every attack.\n\n"
     if doc.get("plots"):
         text += "## Plots\n\n" + "".join(f"![{p}]({p})\n" for p in doc["plots"]) + "\n"
-    text += "## What the checks mean\n\n"
-    for name in CHECK_NAMES:
-        text += f"### `{name}`\n\n{CHECK_DOCS[name]}\n\n"
-    text += "### Tolerance\n\n" + TOLERANCE_DOC
+    explain = [c["name"] for c in checks if c["passed"] is not True]
+    if explain:
+        text += "## About the failed and skipped checks\n\n"
+        text += "".join(f"### `{name}`\n\n{CHECK_DOCS[name]}\n\n" for name in explain)
+    text += "## Tolerance\n\n" + TOLERANCE_DOC
+    text += "\nEvery check is documented in `logitpair.audit.CHECK_DOCS`.\n"
     return text
