@@ -24,7 +24,12 @@ def main() -> None:
         t = time.perf_counter()
         train, test, source = DATASETS.get("fashion-mnist")(Path(args.data_dir) if args.data_dir else None)
         times.append(time.perf_counter() - t)
-    result = {"images": len(train) + len(test), "source": source, "seconds_min": min(times), "seconds_all": times}
+    result = {
+        "images": len(train) + len(test),
+        "source": source,
+        "seconds_min": min(times),
+        "seconds_all": times,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -42,18 +42,26 @@ def main() -> None:
         model = load_model(run)
         x, y, _ = test_points(model, args.n, None)
         threat = Linf(float(model.meta.get("eps", 0.1)))
-        common = dict(threat=threat, seed=args.seed)
+        common = {"threat": threat, "seed": args.seed}
         acc = {
             "pgd40x2": run_protocol(model, x, y, [pgd_spec(40, 2)], **common).robust,
             "suite": run_protocol(model, x, y, get_suite(args.suite), **common).robust,
-            "apgd_ce_40x2": run_protocol(model, x, y, [AttackSpec("apgd-ce", {"steps": 40, "restarts": 2})], **common).robust,
+            "apgd_ce_40x2": run_protocol(
+                model, x, y, [AttackSpec("apgd-ce", {"steps": 40, "restarts": 2})], **common
+            ).robust,
         }
         row = {"run": run, "method": model.meta.get("method"), **{k: summarize(v) for k, v in acc.items()}}
         row["suite_minus_pgd_points"] = 100 * (row["suite"]["value"] - row["pgd40x2"]["value"])
         row["apgd_minus_pgd_points"] = 100 * (row["apgd_ce_40x2"]["value"] - row["pgd40x2"]["value"])
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("run", "suite_minus_pgd_points", "apgd_minus_pgd_points")}))
-    out = {"suite": args.suite, "n": args.n, "machine": platform.machine(), "torch": torch.__version__, "rows": rows}
+    out = {
+        "suite": args.suite,
+        "n": args.n,
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
