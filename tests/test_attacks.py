@@ -65,7 +65,11 @@ def test_pgd_stronger_than_fgsm_stronger_than_clean(trained_model, tiny_data):
     threat = Linf(0.05)
     clean = _acc(trained_model, x, y)
     one = _acc(trained_model, fgsm(trained_model, x, y, threat=threat), y)
-    many = _acc(trained_model, pgd(trained_model, x, y, threat=threat, steps=20, generator=torch.Generator().manual_seed(0)), y)
+    many = _acc(
+        trained_model,
+        pgd(trained_model, x, y, threat=threat, steps=20, generator=torch.Generator().manual_seed(0)),
+        y,
+    )
     assert many <= one <= clean
     assert many < clean - 0.3, (clean, one, many)
 
@@ -92,7 +96,9 @@ def test_batch_equals_items_float64(trained_model, tiny_data):
     try:
         x, y = tiny_data[0][:6].double(), tiny_data[1][:6]
         batch = pgd(model, x, y, threat=THREAT, steps=7, random_start=False)
-        items = torch.cat([pgd(model, x[i : i + 1], y[i : i + 1], threat=THREAT, steps=7, random_start=False) for i in range(6)])
+        items = torch.cat(
+            [pgd(model, x[i : i + 1], y[i : i + 1], threat=THREAT, steps=7, random_start=False) for i in range(6)]
+        )
         assert torch.equal(batch, items)
     finally:
         trained_model.float()

@@ -101,10 +101,7 @@ class RandomFlip(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         z = self.base(x)
         flip = torch.rand(len(x), generator=self.gen) < self.p
-        fake = (
-            F.one_hot(torch.randint(0, z.shape[1], (len(x),), generator=self.gen), z.shape[1]).to(z.dtype)
-            * 50
-        )
+        fake = F.one_hot(torch.randint(0, z.shape[1], (len(x),), generator=self.gen), z.shape[1]).to(z.dtype) * 50
         return torch.where(flip[:, None], fake, z)
 
 
@@ -197,9 +194,7 @@ def test_plain_model_passes_and_modes_are_restored(trained_model, points, source
     rep = audit(model, x, y, threat=Linf(0.02), source=source_model, settings=SMALL)
     assert rep.verdict == "pass", rep.reasons
     assert [c.name for c in rep.checks] == list(CHECK_NAMES)
-    assert all(c.passed is True for c in rep.checks), [
-        (c.name, c.detail) for c in rep.checks if c.passed is not True
-    ]
+    assert all(c.passed is True for c in rep.checks), [(c.name, c.detail) for c in rep.checks if c.passed is not True]
     assert rep.reasons == []
     assert model.training and not source_model.training
     assert all(not p.grad_fn and p.requires_grad for p in model.parameters())
@@ -212,9 +207,7 @@ def test_plain_model_passes_and_modes_are_restored(trained_model, points, source
 
 
 @pytest.mark.parametrize("name,eps,wrap,must_fail,with_source", MASKED, ids=[m[0] for m in MASKED])
-def test_masked_model_is_suspect(
-    trained_model, points, source_model, name, eps, wrap, must_fail, with_source
-):
+def test_masked_model_is_suspect(trained_model, points, source_model, name, eps, wrap, must_fail, with_source):
     x, y = points
     masked = wrap(trained_model, x, y).eval()
     rep = audit(masked, x, y, threat=Linf(eps), source=source_model if with_source else None, settings=SMALL)
@@ -304,3 +297,21 @@ def test_cli_audit_errors(tiny_run, tmp_path, capsys):
     assert "error" in capsys.readouterr().err
     assert main(["audit", str(tiny_run), "--n", "0", "--quiet"]) == 2
     assert "--n" in capsys.readouterr().err
+    assert main(["audit", str(tiny_run), "--quick", "--suite", "bogus", "--quiet"]) == 2
+    assert "unknown suite 'bogus'; valid suites: quick, standard" in capsys.readouterr().err
+    assert main(["audit", str(tiny_run), "--quick", "--restarts", "0", "--quiet"]) == 2
+    assert "--restarts: expected >= 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_audit_eps_suite_and_baseline_flags(tiny_run, capsys):
+    """--eps, --suite and the baseline flags reach the checks (the paper's PGD-40: one start, step eps/30)."""
+    from logitpair.cli import main
+
+    argv = ["audit", str(tiny_run), "--quick", "--n", "10", "--eps", "3/100", "--suite", "pgd40"]
+    rc = main([*argv, "--steps", "40", "--restarts", "1", "--step-size", "0.001", "--json", "--quiet"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["eps"] == pytest.approx(0.03) and doc["settings"]["suite"] == "pgd40"
+    assert doc["settings"]["baseline"]["params"] == {"steps": 40, "restarts": 1, "step_size": 0.001}
+    gap = next(c for c in doc["checks"] if c["name"] == "baseline_gap")
+    assert gap["detail"].startswith("PGD-40 ")  # one start: no "x2" in the label

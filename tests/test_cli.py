@@ -13,7 +13,9 @@ from logitpair.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "logitpair", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "logitpair", *args], check=False, capture_output=True, text=True, timeout=300
+    )
 
 
 TRAIN = ["--epochs", "1", "--batch-size", "100", "--val-size", "100", "--attack-steps", "2", "--quiet"]

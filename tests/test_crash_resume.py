@@ -132,14 +132,10 @@ def assert_same_run(run: Path, ref: Path) -> None:
     lines = lambda p: [_strip(json.loads(s)) for s in (p / "metrics.jsonl").read_text().splitlines()]
     assert lines(run) == lines(ref)
     for name in ("model.json", "train.json"):
-        assert _strip(json.loads((run / name).read_text())) == _strip(json.loads((ref / name).read_text())), (
-            name
-        )
+        assert _strip(json.loads((run / name).read_text())) == _strip(json.loads((ref / name).read_text())), name
     for name in ("config.json", "env.json"):
         assert (run / name).is_file(), name
-    leftovers = [
-        str(p.relative_to(run)) for p in run.rglob("*") if ".tmp" in p.name or p.name.endswith(".del")
-    ]
+    leftovers = [str(p.relative_to(run)) for p in run.rglob("*") if ".tmp" in p.name or p.name.endswith(".del")]
     assert not leftovers, f"temporary files left behind: {leftovers}"
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "ckpt-000000012"

@@ -33,7 +33,9 @@ def test_demo_writes_results_and_replaces_atomically(tmp_path, data_dir):
     for name in ("report.md", "accuracy_vs_eps.png", "adversarial_examples.png", "logit_norms.png"):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
-    assert "| method | White box: PGD-40 (paper) | White box: worst case of strong suite | Black box | Clean |" in report
+    assert (
+        "| method | White box: PGD-40 (paper) | White box: worst case of strong suite | Black box | Clean |" in report
+    )
     first = (out / "results.json").read_text()
     run_demo(opts)  # rerunning replaces the old demo
     assert (out / "results.json").is_file() and (out / "results.json").read_text() != "" and first

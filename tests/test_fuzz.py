@@ -168,9 +168,7 @@ scalars = st.one_of(
         + NAMES
     ),
 )
-keys = st.one_of(
-    st.sampled_from(KEYS + list(SECTIONS)[1:]), st.text(max_size=6), st.integers(-2, 2), st.none()
-)
+keys = st.one_of(st.sampled_from(KEYS + list(SECTIONS)[1:]), st.text(max_size=6), st.integers(-2, 2), st.none())
 values = st.recursive(scalars, lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(keys, kids, max_size=4)),
                       max_leaves=12)  # fmt: skip
 
@@ -268,9 +266,7 @@ def dump(mapping: dict, fmt: str) -> str:
         if isinstance(v, dict):
             tables.append(
                 f"[{json.dumps(str(k))}]\n"
-                + "".join(
-                    f"{json.dumps(str(a))} = {tv(b)}\n" for a, b in v.items() if not isinstance(b, dict)
-                )
+                + "".join(f"{json.dumps(str(a))} = {tv(b)}\n" for a, b in v.items() if not isinstance(b, dict))
             )
         else:
             lines.append(f"{json.dumps(str(k))} = {tv(v)}\n")

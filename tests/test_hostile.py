@@ -102,9 +102,7 @@ def _corrupt_header(folder: Path) -> None:  # 4 GiB announced by a 16-byte heade
 def test_corrupt_data_files(tmp_path, capsys, corrupt, expected):
     data = write_mnist_dir(tmp_path / "data", n_train=600, n_test=50, gz=False)
     corrupt(data)
-    fails_cleanly(
-        tmp_path, [*TRAIN, "--data-dir", str(data), "--out", str(tmp_path / "run")], capsys, *expected
-    )
+    fails_cleanly(tmp_path, [*TRAIN, "--data-dir", str(data), "--out", str(tmp_path / "run")], capsys, *expected)
     assert not (tmp_path / "run").exists()
 
 
@@ -167,9 +165,7 @@ def test_out_holds_a_different_run(tmp_path, data_dir, capsys):
     (run / "config.json").write_text(json.dumps(to_dict(other)))
     (run / "notes.txt").write_text("mine")
     argv = [*TRAIN, "--data-dir", str(data_dir), "--out", str(run)]
-    fails_cleanly(
-        tmp_path, argv, capsys, f"--out {run}: directory holds a different run; pass --resume", "--overwrite"
-    )
+    fails_cleanly(tmp_path, argv, capsys, f"--out {run}: directory holds a different run; pass --resume", "--overwrite")
     fails_cleanly(
         tmp_path,
         [*argv, "--resume"],
@@ -186,7 +182,13 @@ def test_out_holds_a_different_run(tmp_path, data_dir, capsys):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, data_dir) -> Path:
     run = tmp_path_factory.mktemp("hostile") / "run"
-    argv = [
+    assert main(_train_argv(run, data_dir)) == 0
+    return run
+
+
+def _train_argv(run: Path, data_dir: Path, *extra: str) -> list[str]:
+    """``logitpair train`` of the small regular run used by the model/checkpoint tests."""
+    return [
         *TRAIN,
         "--method",
         "regular",
@@ -196,9 +198,8 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
         str(data_dir),
         "--out",
         str(run),
+        *extra,
     ]
-    assert main(argv) == 0
-    return run
 
 
 class Payload:
@@ -225,9 +226,7 @@ def test_pickle_given_to_evaluate_never_runs(tmp_path, trained_run, capsys):
     )
     zipped = tmp_path / "zipped.safetensors"  # torch.save's zip format behind a safetensors name
     torch.save({"w": torch.zeros(2)}, zipped)
-    fails_cleanly(
-        tmp_path, ["evaluate", str(zipped), "--quiet"], capsys, "looks like a pickle or zip archive"
-    )
+    fails_cleanly(tmp_path, ["evaluate", str(zipped), "--quiet"], capsys, "looks like a pickle or zip archive")
     run = tmp_path / "run"  # a run directory whose weights were replaced by a pickle
     shutil.copytree(trained_run, run)
     (run / "model.safetensors").write_bytes(evil)
@@ -250,19 +249,7 @@ def test_flipped_checkpoint_bytes(tmp_path, trained_run, data_dir, capsys):
     fails_cleanly(tmp_path, ["evaluate", str(ckpt), "--quiet"], capsys, f"{weights}: checksum mismatch")
     (run / "model.json").unlink()  # evaluate RUN then falls back to the (corrupt) latest checkpoint
     fails_cleanly(tmp_path, ["evaluate", str(run), "--quiet"], capsys, "checksum mismatch")
-    argv = [
-        *TRAIN,
-        "--method",
-        "regular",
-        "--checkpoint-every",
-        "2",
-        "--data-dir",
-        str(data_dir),
-        "--out",
-        str(run),
-        "--resume",
-    ]
-    fails_cleanly(tmp_path, argv, capsys, f"{weights}: checksum mismatch")
+    fails_cleanly(tmp_path, _train_argv(run, data_dir, "--resume"), capsys, f"{weights}: checksum mismatch")
 
 
 @pytest.mark.parametrize(

@@ -39,9 +39,9 @@ def test_pair_distance_gradient_closed_form():
     ga, gb = torch.autograd.grad(pair_distance(a, b, "l2sq", "mean"), (a, b))
     expected = 2 * (a - b).detach() / a.numel()
     assert torch.allclose(ga, expected) and torch.allclose(gb, -expected)
-    ga, = torch.autograd.grad(pair_distance(a, b, "l2sq", "sum_classes"), (a,))
+    (ga,) = torch.autograd.grad(pair_distance(a, b, "l2sq", "sum_classes"), (a,))
     assert torch.allclose(ga, 2 * (a - b).detach() / len(a))
-    ga, = torch.autograd.grad(pair_distance(a, b, "l2", "mean"), (a,))
+    (ga,) = torch.autograd.grad(pair_distance(a, b, "l2", "mean"), (a,))
     d = (a - b).detach()
     assert torch.allclose(ga, d / d.norm(dim=1, keepdim=True) / len(a))
 
@@ -94,7 +94,15 @@ def test_mpgd_is_half_clean_half_adversarial(tiny_data):
     torch.manual_seed(3)
     from logitpair.attacks import pgd
 
-    xa = pgd(model, x, y, threat=CFG.threat, steps=CFG.attack_steps, step_size=CFG.attack_step_size, keep_best=False)
+    xa = pgd(
+        model,
+        x,
+        y,
+        threat=CFG.threat,
+        steps=CFG.attack_steps,
+        step_size=CFG.attack_step_size,
+        keep_best=False,
+    )
     expected = 0.5 * F.cross_entropy(model(x), y) + 0.5 * F.cross_entropy(model(xa), y)
     assert torch.allclose(loss, expected, atol=1e-6)
 
@@ -147,7 +155,15 @@ def test_noise_methods_add_noise(tiny_data):
 
 
 @pytest.mark.parametrize(
-    "field, value", [("lam", -0.1), ("eps", -0.01), ("eps", 1.5), ("attack_steps", 0), ("noise_std", -1.0), ("distance", "l3")]
+    "field, value",
+    [
+        ("lam", -0.1),
+        ("eps", -0.01),
+        ("eps", 1.5),
+        ("attack_steps", 0),
+        ("noise_std", -1.0),
+        ("distance", "l3"),
+    ],
 )
 def test_bad_method_config_rejected(field, value):
     with pytest.raises(ConfigError, match=field):

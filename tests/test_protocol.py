@@ -49,7 +49,9 @@ def test_worst_case_aggregation_is_exact(monkeypatch):
     monkeypatch.setitem(ATTACKS._items, "break-a", _breaker({0, 1, 2, 3, 20}, calls_a))
     monkeypatch.setitem(ATTACKS._items, "break-b", _breaker({2, 5, 6, 17, 21}, calls_b))
     x, y = _points()
-    res = run_protocol(FirstTen(), x, y, [AttackSpec("break-a"), AttackSpec("break-b")], threat=Linf(0.5), batch_size=16)
+    res = run_protocol(
+        FirstTen(), x, y, [AttackSpec("break-a"), AttackSpec("break-b")], threat=Linf(0.5), batch_size=16
+    )
     clean = torch.ones(40, dtype=torch.bool)
     clean[[3, 17]] = False
     assert torch.equal(res.clean_correct, clean)
@@ -60,8 +62,8 @@ def test_worst_case_aggregation_is_exact(monkeypatch):
     broken[[0, 1, 2, 20]] = 0
     broken[[5, 6, 21]] = 1
     assert torch.equal(res.broken_by, broken)
-    assert sorted(sum(calls_a, [])) == [i for i in range(40) if i not in (3, 17)]
-    assert sorted(sum(calls_b, [])) == [i for i in range(40) if i not in (3, 17, 0, 1, 2, 20)]
+    assert sorted(i for c in calls_a for i in c) == [i for i in range(40) if i not in (3, 17)]
+    assert sorted(i for c in calls_b for i in c) == [i for i in range(40) if i not in (3, 17, 0, 1, 2, 20)]
     s = res.summary()
     assert s["robust"]["value"] == pytest.approx(31 / 40) and s["broken_by"] == {"break-a": 4, "break-b": 3}
 
@@ -69,7 +71,7 @@ def test_worst_case_aggregation_is_exact(monkeypatch):
 def test_interrupted_protocol_resumes_to_the_same_result(tmp_path, trained_model, tiny_data, monkeypatch):
     x, y = tiny_data[0][:120], tiny_data[1][:120]
     attacks = get_suite("pgd40")[:1] + [AttackSpec("square", {"queries": 30})]
-    kw = dict(threat=Linf(0.03), batch_size=40, seed=4, keep_adversarial=True)
+    kw = {"threat": Linf(0.03), "batch_size": 40, "seed": 4, "keep_adversarial": True}
     full = run_protocol(trained_model, x, y, attacks, **kw)
     state = tmp_path / "state.safetensors"
     real = ATTACKS._items["square"]

@@ -7,6 +7,7 @@ Everything runs on a tiny MLP trained for a fraction of a second on separable sy
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -43,9 +44,7 @@ def setup() -> tuple[nn.Module, Tensor, Tensor]:
     x_train, y_train = _data(512, g, protos)
     x_test, y_test = _data(128, g, protos)
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, NUM_CLASSES)
-    )
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, NUM_CLASSES))
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(150):
         loss = F.cross_entropy(model(x_train), y_train)
@@ -101,9 +100,7 @@ def test_invariants(setup, name: str, dtype: torch.dtype) -> None:
 def test_seeded_runs_are_deterministic(setup, name: str) -> None:
     model, x, y = setup
     x, y = x[:32], y[:32]
-    run = lambda seed: ATTACKS.get(name)(
-        model, x, y, threat=Linf(0.1), generator=gen(seed), **SMALL_BUDGET[name]
-    )
+    run = lambda seed: ATTACKS.get(name)(model, x, y, threat=Linf(0.1), generator=gen(seed), **SMALL_BUDGET[name])
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
 
@@ -132,7 +129,7 @@ def test_checkpoints_follow_the_paper() -> None:
     assert apgd_checkpoints(10) == [0, 3, 5, 6, 7, 8, 9, 10]  # 2.2, 4.1, 5.7, 7, 8, 8.7, 9.3, 9.9
     for n in (1, 2, 5, 17, 250):
         w = apgd_checkpoints(n)
-        assert w[0] == 0 and w[-1] <= n and all(a < b for a, b in zip(w, w[1:]))
+        assert w[0] == 0 and w[-1] <= n and all(a < b for a, b in itertools.pairwise(w))
 
 
 def test_halving_condition_on_constructed_histories() -> None:
@@ -295,9 +292,7 @@ def test_apgd_ce_beats_fgsm(setup) -> None:
 def test_apgd_targeted_hits_the_target(setup) -> None:
     model, x, y = setup
     target = (y + 1) % NUM_CLASSES
-    x_adv = apgd(
-        model, x, y, threat=Linf(0.25), steps=20, loss="dlr-targeted", target=target, generator=gen()
-    )
+    x_adv = apgd(model, x, y, threat=Linf(0.25), steps=20, loss="dlr-targeted", target=target, generator=gen())
     with torch.no_grad():
         assert (model(x_adv).argmax(1) == target).float().mean() > 0.9
 
@@ -319,9 +314,7 @@ def test_apgd_t_targets_the_top_ranked_other_classes(setup) -> None:
             ranked = [c for c in logits[n].argsort(descending=True).tolist() if c != y[n]]
             assert t == ranked[i]
     trace = {}
-    apgd_t(
-        model, x, y, threat=Linf(0.0), steps=3, n_target_classes=2, restarts=2, generator=gen(), trace=trace
-    )
+    apgd_t(model, x, y, threat=Linf(0.0), steps=3, n_target_classes=2, restarts=2, generator=gen(), trace=trace)
     assert len(trace["runs"]) == 4
 
 

@@ -117,9 +117,16 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, data_dir,
     cfg = tiny_cfg(data_dir, method="regular", checkpoint_every=2, optim={"epochs": 1, "batch_size": 50})
     x = splits.train.x.clone()
     x[epoch_order(len(x), cfg.seed, 0)[4 * 50]] = float("nan")  # poison the 5th batch (step 4)
-    poisoned = type(splits)(train=type(splits.train)(x, splits.train.y, 10), val=splits.val, test=splits.test,
-                            name=splits.name, source=splits.source)
-    with pytest.raises(TrainingDiverged, match=r"at step 4 \(epoch 1, batch 4\); last good checkpoint: .*ckpt-000000004"):
+    poisoned = type(splits)(
+        train=type(splits.train)(x, splits.train.y, 10),
+        val=splits.val,
+        test=splits.test,
+        name=splits.name,
+        source=splits.source,
+    )
+    with pytest.raises(
+        TrainingDiverged, match=r"at step 4 \(epoch 1, batch 4\); last good checkpoint: .*ckpt-000000004"
+    ):
         train(cfg, tmp_path / "run", splits=poisoned)
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert ckpt.name == "ckpt-000000004"
@@ -148,7 +155,11 @@ def test_out_dir_protection(tmp_path, data_dir, splits):
 def test_ema_weights_are_exported(tmp_path, data_dir, splits):
     from logitpair.train import update_ema
 
-    plain = train(tiny_cfg(data_dir, method="regular", optim={"epochs": 1, "batch_size": 50}), tmp_path / "a", splits=splits)
+    plain = train(
+        tiny_cfg(data_dir, method="regular", optim={"epochs": 1, "batch_size": 50}),
+        tmp_path / "a",
+        splits=splits,
+    )
     ema = train(tiny_cfg(data_dir, method="regular", ema_decay=0.5, optim={"epochs": 1, "batch_size": 50}),
                 tmp_path / "b", splits=splits)  # fmt: skip
     a, b = plain.model.state_dict(), load_model(tmp_path / "b").state_dict()

@@ -4,8 +4,9 @@ The checks are those of Carlini et al. 2019, *On Evaluating Adversarial Robustne
 (https://arxiv.org/abs/1902.06705, Section 5 checklist) and Athalye et al. 2018,
 *Obfuscated Gradients Give a False Sense of Security* (https://arxiv.org/abs/1802.00420),
 written as flags with one documented section each, as AutoAttack's ``checks.py`` and
-``flags_doc.md``. :data:`CHECK_DOCS` holds the sections; :data:`TOLERANCE_DOC` the rule
-every "must not rise" comparison uses.
+``flags_doc.md``. :data:`CHECK_DOCS` (in :mod:`logitpair.audit_docs`) holds the sections;
+:data:`TOLERANCE_DOC` the rule every "must not rise" comparison uses. The Markdown report and
+the plots are made by :mod:`logitpair.audit_report`.
 
 A check is ``passed=True`` (pass), ``False`` (fail) or ``None`` (skipped: it could not
 run, e.g. no source model for the transfer check). Skipped is never counted as passed,
@@ -38,121 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from logitpair.audit_docs import CHECK_DOCS, CHECK_NAMES, TOLERANCE_DOC  # noqa: F401 - re-exported
 from logitpair.errors import ConfigError
 from logitpair.metrics import summarize
 from logitpair.modes import attack_context, eval_mode
 from logitpair.progress import ProgressFactory, null_progress
 from logitpair.protocol import AttackSpec, pgd_spec, run_protocol
 from logitpair.threat import Linf
-
-CHECK_NAMES: tuple[str, ...] = (
-    "eps_monotone",
-    "large_eps_zero",
-    "more_steps_no_better",
-    "more_restarts_no_better",
-    "fgsm_not_stronger",
-    "noise_not_stronger",
-    "transfer_not_stronger",
-    "square_not_stronger",
-    "baseline_gap",
-    "deterministic_forward",
-    "gradient_health",
-)
-
-TOLERANCE_DOC = """\
-Every "must not rise" comparison is paired: the same points and, where the attacks allow,
-the same random starts. For per-example robust flags A (the smaller eps, fewer steps or
-restarts: expected to have the higher or equal accuracy) and B (the larger budget), the
-rise acc(B) - acc(A) counts only when it exceeds max(1 percentage point, 2 standard
-errors), with the paired (McNemar) standard error SE = sqrt(b + c) / n, where b and c
-count the points robust under only one of the two. "Attack X breaks points that the
-reference attacks missed" is the special case A = reference and X, B = reference: its k
-extra points fail the check when k/n > 1 point and k > 2 sqrt(k), i.e. k > max(n/100, 4).
-"""
-
-
-CHECK_DOCS: dict[str, str] = {
-    "eps_monotone": """\
-**Accuracy must not rise with eps.** PGD (one random start, step 2.5 eps / steps) runs at
-several multiples of eps, at the large eps of `large_eps_zero`, and at 0 (clean accuracy).
-A larger ball contains the smaller one, so a working attack can only do better; any pair
-eps1 < eps2 whose accuracy rises by more than the tolerance fails. A rise means the attack
-gets *worse* with more freedom: gradients that vanish or mislead away from the data
-(saturated softmax, quantisation, input purification, detectors that answer from memory).
-If it fails, PGD numbers for this model are not evidence of robustness; use gradient-free
-(Square) and adaptive attacks (BPDA, Athalye et al. 2018).""",
-    "large_eps_zero": """\
-**Unbounded attacks must succeed.** At eps = half the input range (0.5 for [0, 1] images)
-every image can be turned into the same flat grey image, which carries no class
-information, so a working attack drives accuracy to about zero; the check fails when PGD
-leaves more than 2% of the points correct (Carlini et al. 2019, Sec. 5.6: "verify that
-unbounded attacks reach 100% success"). If it fails, the gradient does not lead to the
-decision boundary: the model masks gradients, or the attack is broken.""",
-    "more_steps_no_better": """\
-**More PGD steps must not raise accuracy.** PGD with one random start runs with several
-step counts (default step 2.5 eps / steps, so the total path length is the same); any
-pair with fewer and more steps whose accuracy rises by more than the tolerance fails.
-Small steps getting stuck where large steps pass is the signature of a rugged
-("shattered", Athalye et al. 2018) loss surface: many local maxima near every point. The
-curve also shows whether the attack has converged: a still-falling curve means the
-baseline used too few steps (Engstrom et al. 2018 broke the ALP ImageNet model this way).""",
-    "more_restarts_no_better": """\
-**More random restarts must not raise accuracy.** PGD runs with 1, 2, 4, ... random
-restarts from the same seed, so the runs with more restarts contain the runs with fewer
-and, for a deterministic model, accuracy can only fall. A rise above the tolerance means
-the success the attack saw on one forward pass did not hold when the result was checked
-on the next: the forward pass is randomised, stateful or batch-dependent, and the
-evaluation needs Expectation over Transformation (EOT) and repeated scoring.""",
-    "fgsm_not_stronger": """\
-**One-step FGSM must not beat multi-step PGD.** FGSM (one signed step of size eps from
-the clean point) is a strict special case of what PGD can reach; the check fails when
-FGSM breaks more points that PGD-40 (2 restarts) missed than the tolerance allows
-(Carlini et al. 2019: "iterative attacks should perform better than single-step
-attacks"). If it fails, small steps are misled by local gradient structure that one large
-step jumps over: gradient masking, or a PGD step size far too small.""",
-    "noise_not_stronger": """\
-**Random noise must not beat gradient attacks.** Random corners of the eps-ball (forward
-passes only) should break nothing that the white-box gradient attacks of the audit (all
-PGD runs at this eps, APGD-CE and APGD-T of the suite) missed; the check fails when they
-break more extra points than the tolerance allows. If it fails, gradients are useless
-near these points (zero, random or misleading), typically because of a non-differentiable
-or saturating component.""",
-    "transfer_not_stronger": """\
-**Black-box transfer must not beat white-box attacks.** Adversarial examples crafted with
-PGD-40 (2 restarts) on an independently trained source model (`--source`) should break
-nothing that the white-box gradient attacks missed; the check fails when they break more
-extra points than the tolerance allows (Carlini et al. 2019, Sec. 5.7). Skipped when no
-source model is given. If it fails, the model's own gradients are masked while a smooth
-surrogate still finds its adversarial examples.""",
-    "square_not_stronger": """\
-**A gradient-free attack must not beat the gradient attacks.** Square (score-based random
-search, no gradients) runs last in the suite, only on points the gradient attacks left
-robust; the check fails when it breaks more extra points than the tolerance allows (as
-AutoAttack's `check_square_sr`). If it fails, the gradient attacks are being fooled:
-report the worst case over all attacks and prefer adaptive attacks.""",
-    "baseline_gap": """\
-**The paper-style baseline must not overstate robustness.** Fails when PGD-40 with 2
-restarts (the number papers of this era reported) exceeds the worst case over PGD-40 and
-the strong suite (quick suite with `--quick`, AutoAttack's standard set otherwise) by more
-than 10 points. This is what exposed Clean Logit Pairing and logit squeezing (Mosbach et
-al. 2018, https://arxiv.org/abs/1810.12042: MNIST logit squeezing 70.6% under baseline
-PGD, 5.0% under a strong attack). If it fails, never quote the baseline number.""",
-    "deterministic_forward": """\
-**The same input must give the same logits.** The first points are passed through the
-model twice as one batch and a few of them one at a time; the check fails when logits
-differ by more than 1e-4 (1 + max |logit|). A randomised or batch-dependent model makes
-single-sample gradients and single-forward scoring meaningless: attack it with EOT
-(averaging gradients over the randomness) and score by majority over several forwards.""",
-    "gradient_health": """\
-**Input gradients must exist and be finite.** The cross-entropy gradient with respect to
-the input is computed at every clean point and at one random point of its eps-ball. The
-check fails when 5% or more of the points of either set have an all-zero gradient, or any
-point has a non-finite logit or gradient. Exact zeros come from non-differentiable parts
-(rounding, argmax, thresholds) and from a saturated softmax: with huge logits the CE
-gradient underflows to 0 in float32 for confidently classified points, so PGD and APGD-CE
-cannot move although the decision is not robust. The logit scale (median logit norm and
-top-1 margin) is reported for that reason.""",
-}
 
 
 # --------------------------------------------------------------------------- results
@@ -255,9 +148,7 @@ class AuditSettings:
 
         specs = get_suite(self.suite) if isinstance(self.suite, str) else list(self.suite)
         # gradient-free attacks last, so "broken only by Square" is well defined
-        return [a for a in specs if a.name not in GRADIENT_FREE] + [
-            a for a in specs if a.name in GRADIENT_FREE
-        ]
+        return [a for a in specs if a.name not in GRADIENT_FREE] + [a for a in specs if a.name in GRADIENT_FREE]
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -376,11 +267,7 @@ class _Runner:
             if a.name not in GRADIENT_FREE:
                 robust &= res.broken_by != i
         for key, val in self.cache.items():
-            if (
-                isinstance(key, tuple)
-                and key[:2] == ("pgd", round(self.threat.eps, 12))
-                and not _crashed(val)
-            ):
+            if isinstance(key, tuple) and key[:2] == ("pgd", round(self.threat.eps, 12)) and not _crashed(val):
                 robust &= val.robust
         return robust
 
@@ -516,9 +403,7 @@ def _check_fgsm(r: _Runner) -> Check:
 def _check_noise(r: _Runner) -> Check:
     spec = AttackSpec("noise", {"samples": r.s.noise_samples}, f"random noise ({r.s.noise_samples} corners)")
     nz = r.protocol("noise", [spec], "audit: noise").robust
-    return _extra_check(
-        "noise_not_stronger", spec.label, "the gradient attacks", r.white_box(), nz, r.s.min_rise
-    )
+    return _extra_check("noise_not_stronger", spec.label, "the gradient attacks", r.white_box(), nz, r.s.min_rise)
 
 
 def _check_transfer(r: _Runner) -> Check:
@@ -657,9 +542,7 @@ def _check_gradients(r: _Runner) -> Check:
     )
     if bad:
         return Check("gradient_health", False, "; ".join(bad) + f" ({scale})", stats)
-    return Check(
-        "gradient_health", True, f"gradients finite; all-zero gradients: {', '.join(shares)} ({scale})", stats
-    )
+    return Check("gradient_health", True, f"gradients finite; all-zero gradients: {', '.join(shares)} ({scale})", stats)
 
 
 def _loss_surfaces(r: _Runner) -> list[dict[str, Any]]:
@@ -716,8 +599,7 @@ def _run_check(name: str, fn: Callable[[_Runner], Check], r: _Runner) -> Check:
         return Check(
             name,
             False,
-            f"an attack this check needs crashed on the model ({exc}); gradient-based "
-            "results cannot be trusted",
+            f"an attack this check needs crashed on the model ({exc}); gradient-based results cannot be trusted",
             {"error": str(exc)},
         )
 
@@ -749,9 +631,7 @@ def audit(
     """
     s = settings if settings is not None else AuditSettings.preset(quick)
     if len(x) != len(y) or len(y) == 0:
-        raise ConfigError(
-            f"audit: expected as many labels as images and at least one, got {len(x)} and {len(y)}"
-        )
+        raise ConfigError(f"audit: expected as many labels as images and at least one, got {len(x)} and {len(y)}")
     t0 = time.perf_counter()
     with ExitStack() as stack:
         for m in (model, source):
@@ -761,9 +641,7 @@ def audit(
             with torch.no_grad():
                 shapes = tuple(model(x[:1]).shape), tuple(source(x[:1]).shape)
             if shapes[0] != shapes[1]:
-                raise ConfigError(
-                    f"audit: the source model's output {shapes[1]} differs from the model's {shapes[0]}"
-                )
+                raise ConfigError(f"audit: the source model's output {shapes[1]} differs from the model's {shapes[0]}")
         r = _Runner(model, x, y, threat, source, seed, s, progress)
         checks = {name: _run_check(name, fn, r) for name, fn in _CHECKS}
         t_surf = time.perf_counter()
@@ -812,11 +690,7 @@ def _summary(r: _Runner) -> dict[str, Any]:
         out["suite_worst_case"] = summarize(r.cache["main"].robust)
     worst = clean.clone()
     for key, val in r.cache.items():
-        if (
-            not _crashed(val)
-            and key != "clean"
-            and (not isinstance(key, tuple) or key[1] == round(r.threat.eps, 12))
-        ):
+        if not _crashed(val) and key != "clean" and (not isinstance(key, tuple) or key[1] == round(r.threat.eps, 12)):
             worst &= val.robust
     out["worst_case_all"] = summarize(worst)
     return out
@@ -877,9 +751,7 @@ def audit_run(
     src = load_model(source) if source is not None else None
     threat = Linf(_run_eps(model, eps))
     x, y, dataset = test_points(model, n if n is not None else (200 if quick else 500), data_dir)
-    rep = audit(
-        model, x, y, threat=threat, source=src, quick=quick, seed=seed, progress=progress, settings=settings
-    )
+    rep = audit(model, x, y, threat=threat, source=src, quick=quick, seed=seed, progress=progress, settings=settings)
     out: dict[str, Any] = {
         "run": str(run_dir),
         "dataset": dataset,
@@ -891,102 +763,9 @@ def audit_run(
     }
     out = _jsonable(out)
     if write:
+        from logitpair.audit_report import audit_markdown, plot_audit
+
         out["plots"] = plot_audit(rep, run_dir)
         write_json(run_dir / "audit.json", out)
         write_text(run_dir / "audit.md", audit_markdown(out))
     return out
-
-
-def plot_audit(rep: AuditReport, out_dir: Path) -> list[str]:
-    """Accuracy vs eps, vs PGD steps, vs restarts, and the loss surfaces; returns the file names."""
-    import io
-
-    from logitpair.io import write_bytes
-    from logitpair.report import _plt, plot_curves
-
-    names = []
-    for key, xlabel, title in (
-        ("eps", "eps (L-inf)", f"PGD-{rep.settings['sweep_steps']} accuracy vs eps"),
-        ("steps", "PGD steps (1 random start)", "accuracy vs PGD steps"),
-        ("restarts", f"random restarts (PGD-{rep.settings['restarts_steps']})", "accuracy vs PGD restarts"),
-    ):
-        if rep.curves.get(key):
-            name = f"audit_{key}.png"
-            buf = io.BytesIO()  # rendered in memory, then written atomically
-            plot_curves(buf, {"PGD": rep.curves[key]}, key, xlabel, title)  # type: ignore[arg-type]
-            write_bytes(out_dir / name, buf.getvalue())
-            names.append(name)
-    if rep.surfaces:
-        plt = _plt()
-        k = len(rep.surfaces)
-        fig = plt.figure(figsize=(3.2 * k, 3.4), dpi=100)
-        for j, surf in enumerate(rep.surfaces):
-            ax = fig.add_subplot(1, k, j + 1, projection="3d")
-            t = torch.tensor(surf["ticks"])
-            a, b = torch.meshgrid(t, t, indexing="ij")
-            ax.plot_surface(
-                a.numpy(), b.numpy(), torch.tensor(surf["loss"]).numpy(), cmap="viridis", linewidth=0
-            )
-            ax.set_xlabel("sign(grad)", fontsize=7)
-            ax.set_ylabel("random sign", fontsize=7)
-            ax.set_zlabel("CE loss", fontsize=7)
-            ax.tick_params(labelsize=6)
-            ax.set_title(f"point {surf['index']} (label {surf['label']})", fontsize=8)
-        fig.suptitle(
-            f"loss along the gradient sign and a random sign direction (eps = {rep.settings['eps']:g})",
-            fontsize=9,
-        )
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        write_bytes(out_dir / "audit_surface.png", buf.getvalue())
-        names.append("audit_surface.png")
-    return names
-
-
-def audit_markdown(doc: dict[str, Any]) -> str:
-    """The human report of an :func:`audit_run` document."""
-    from logitpair.report import markdown_table, pct_ci
-
-    checks = doc["checks"]
-    failed = [c for c in checks if c["passed"] is False]
-    skipped = [c for c in checks if c["passed"] is None]
-    st = doc["settings"]
-    suite = st["suite"] if isinstance(st["suite"], str) else "custom"
-    text = f"# Gradient-masking audit of `{doc.get('run', 'model')}`\n\n"
-    if doc["verdict"] == "suspect":
-        text += f"**Verdict: SUSPECT** — {len(failed)} of {len(checks)} checks failed"
-    else:
-        text += "**Verdict: pass** — no check failed"
-    text += f" ({len(skipped)} skipped).\n\n" if skipped else ".\n\n"
-    if failed:
-        text += "".join(f"- **{c['name']}**: {c['detail']}\n" for c in failed) + "\n"
-    text += (
-        f"Dataset {doc.get('dataset', '?')}, method {doc.get('method')} (not used by the checks), L∞ ε = "
-        f"{doc['eps']:g}, first {doc['n']} test points, seed {st['seed']}, suite {suite}, "
-        f"source model: {doc.get('source') or 'none'}; {doc['seconds']:.0f} s.\n\n"
-    )
-    rows = [[c["name"], c["status"], str(c["detail"]).replace("|", "\\|")] for c in checks]
-    text += markdown_table(["check", "result", "detail"], rows) + "\n"
-    sm = doc["summary"]
-    acc_rows = [["clean", pct_ci(sm.get("clean")), str(doc["n"])]]
-    if "baseline" in sm:
-        acc_rows.append([f"baseline {st['baseline']['label']}", pct_ci(sm["baseline"]), str(doc["n"])])
-        acc_rows.append(
-            [f"worst case: baseline + {suite} suite", pct_ci(sm["suite_worst_case"]), str(doc["n"])]
-        )
-    acc_rows.append(
-        ["worst case over every attack of the audit", pct_ci(sm.get("worst_case_all")), str(doc["n"])]
-    )
-    text += "## Accuracy at the model's ε\n\n" + markdown_table(["", "accuracy % [95% CI]", "N"], acc_rows)
-    text += "\nA point counts as robust only if it is correct clean and under every attack.\n\n"
-    if doc.get("plots"):
-        text += "## Plots\n\n" + "".join(f"![{p}]({p})\n" for p in doc["plots"]) + "\n"
-    explain = [c["name"] for c in checks if c["passed"] is not True]
-    if explain:
-        text += "## About the failed and skipped checks\n\n"
-        text += "".join(f"### `{name}`\n\n{CHECK_DOCS[name]}\n\n" for name in explain)
-    text += "## Tolerance\n\n" + TOLERANCE_DOC
-    text += "\nEvery check is documented in `logitpair.audit.CHECK_DOCS`.\n"
-    return text

@@ -239,9 +239,7 @@ def _check_not_pickle(path: Path) -> None:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
     if head[:1] == b"\x80" or head[:2] == b"PK":
-        raise CheckpointError(
-            f"{path}: looks like a pickle or zip archive (torch.save format); refusing to load it"
-        )
+        raise CheckpointError(f"{path}: looks like a pickle or zip archive (torch.save format); refusing to load it")
 
 
 def build_from_spec(spec: dict[str, Any], source: Path) -> nn.Module:
@@ -266,7 +264,9 @@ def load_weights(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> 
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise CheckpointError(f"{source}: weights do not match the architecture (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise CheckpointError(
+            f"{source}: weights do not match the architecture (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
     for k, v in expected.items():
         if tuple(tensors[k].shape) != tuple(v.shape):
             raise CheckpointError(

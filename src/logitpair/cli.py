@@ -78,7 +78,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = make_config(args.config, _overrides(args))
     result = train(
-        cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=make_progress(_quiet(args)), log=_log(args)
+        cfg,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=make_progress(_quiet(args)),
+        log=_log(args),
     )
     last = result.history[-1] if result.history else {}
     print(json.dumps({"run_dir": str(result.run_dir), "train_seconds": round(result.train_seconds, 2), **last}))
@@ -161,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--suite", default="standard",
         help="strong attack suite after the PGD baseline: quick, standard (default), thorough, targeted, pgd40 or none",
     )  # fmt: skip
-    p.add_argument("--attacks", help="explicit attack list instead of the suite, e.g. apgd-ce:steps=50,square:queries=1000")
+    p.add_argument(
+        "--attacks",
+        help="explicit attack list instead of the suite, e.g. apgd-ce:steps=50,square:queries=1000",
+    )
     p.add_argument("--steps", type=int, default=40, help="baseline PGD steps (default 40)")
     p.add_argument("--restarts", type=int, default=2, help="baseline PGD random restarts (default 2)")
     p.add_argument("--step-size", type=_fraction, default=None, help="baseline PGD step (default 2.5*eps/steps)")

@@ -1,25 +1,39 @@
 """The ``logitpair audit`` subcommand: gradient-masking checks on a run directory.
 
-``logitpair audit RUN [--source OTHER_RUN] [--quick] [--n N] [--seed S] [--data-dir D] [--json] [--quiet]``
-writes ``audit.json``, ``audit.md`` and plots into RUN and prints the Markdown report (or
+``logitpair audit RUN [--source OTHER_RUN] [--quick] [--n N] [--eps EPS] [--suite NAME]
+[--steps K] [--restarts R] [--step-size A] [--seed S] [--data-dir D] [--json] [--quiet]`` writes ``audit.json``, ``audit.md`` and plots into RUN and prints the Markdown report (or
 the JSON with ``--json``). See :mod:`logitpair.audit` for the checks.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Any
 
+from logitpair.cli import _fraction
+
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from logitpair.audit import audit_markdown, audit_run
+    from logitpair.audit import AuditSettings, audit_run
+    from logitpair.audit_report import audit_markdown
     from logitpair.errors import ConfigError
     from logitpair.progress import make_progress
+    from logitpair.protocol import pgd_spec
+    from logitpair.suites import get_suite
 
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n: expected >= 1, got {args.n}")
+    for flag, value in (("--steps", args.steps), ("--restarts", args.restarts)):
+        if value < 1:
+            raise ConfigError(f"{flag}: expected >= 1, got {value}")
+    settings = AuditSettings.preset(args.quick)
+    if args.suite is not None:
+        get_suite(args.suite)  # an unknown name fails here, naming the known ones
+        settings = dataclasses.replace(settings, suite=args.suite)
+    settings = dataclasses.replace(settings, baseline=pgd_spec(args.steps, args.restarts, args.step_size))
     quiet = bool(args.quiet or os.environ.get("CI"))
     doc = audit_run(
         args.run,
@@ -29,6 +43,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         seed=args.seed,
         data_dir=args.data_dir,
         progress=make_progress(quiet),
+        eps=args.eps,
+        settings=settings,
     )
     print(json.dumps(doc, indent=2) if args.json else audit_markdown(doc))
     return 0
@@ -45,12 +61,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("run", help="run directory or checkpoint")
     p.add_argument("--source", help="independently trained run used as the transfer (black-box) source")
+    p.add_argument("--quick", action="store_true", help="quick suite and shorter series (default N 200 instead of 500)")
+    p.add_argument("--n", type=int, default=None, help="first N test points (default 500, or 200 with --quick)")
+    p.add_argument("--eps", type=_fraction, default=None, help="L-inf radius (default: the training eps)")
     p.add_argument(
-        "--quick", action="store_true", help="quick suite and shorter series (default N 200 instead of 500)"
+        "--suite",
+        default=None,
+        help="strong suite of baseline_gap and square_not_stronger: quick, standard or thorough "
+        "(default: standard, quick with --quick)",
     )
-    p.add_argument(
-        "--n", type=int, default=None, help="first N test points (default 500, or 200 with --quick)"
-    )
+    p.add_argument("--steps", type=int, default=40, help="baseline PGD steps (default 40)")
+    p.add_argument("--restarts", type=int, default=2, help="baseline PGD random restarts (default 2)")
+    p.add_argument("--step-size", type=_fraction, default=None, help="baseline PGD step (default 2.5*eps/steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random start (default 0)")
     p.add_argument("--data-dir", help="override the dataset folder")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of Markdown")

@@ -136,8 +136,14 @@ def _run(opts: DemoOptions, tmp: Path, final: Path, progress: ProgressFactory, l
         model = load_model(tmp / name)
         clean_ok = predict(model, x).argmax(1) == y
         black = clean_ok & (predict(model, x_transfer).argmax(1) == y)
-        ev["black_box"] = {**summarize(black), "source": str(final / SOURCE), "attack": "PGD-40x2 on the source"}
-        curves[name] = accuracy_vs_eps(model, x[:CURVE_POINTS], y[:CURVE_POINTS], CURVE_EPS, steps=20, progress=progress)
+        ev["black_box"] = {
+            **summarize(black),
+            "source": str(final / SOURCE),
+            "attack": "PGD-40x2 on the source",
+        }
+        curves[name] = accuracy_vs_eps(
+            model, x[:CURVE_POINTS], y[:CURVE_POINTS], CURVE_EPS, steps=20, progress=progress
+        )
         grid = run_protocol(model, x[:8], y[:8], [pgd_spec(40, 1)], threat=Linf(EPS), keep_adversarial=True)
         grids[name] = (x[:8], grid.adversarial)
         norms[name] = predict(model, x).norm(dim=1)
@@ -169,7 +175,13 @@ def _run(opts: DemoOptions, tmp: Path, final: Path, progress: ProgressFactory, l
             }
         )
 
-    plot_curves(tmp / "accuracy_vs_eps.png", curves, "eps", "L∞ ε", f"PGD-20 accuracy vs ε (first {min(CURVE_POINTS, n)} test points)")
+    plot_curves(
+        tmp / "accuracy_vs_eps.png",
+        curves,
+        "eps",
+        "L∞ ε",
+        f"PGD-20 accuracy vs ε (first {min(CURVE_POINTS, n)} test points)",
+    )
     plot_image_grid(tmp / "adversarial_examples.png", grids, EPS)
     plot_histograms(tmp / "logit_norms.png", norms, "‖logits‖₂ on clean test points", "Logit norms per method")
     results = {

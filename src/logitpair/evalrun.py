@@ -100,7 +100,13 @@ def evaluate_run(
     state_dir = run_dir / "eval-state" if (write and opts.resume and run_dir.is_dir()) else None
     if state_dir is not None:
         state_dir.mkdir(exist_ok=True)
-    common = dict(threat=threat, batch_size=opts.batch_size, seed=opts.seed, targeted=opts.targeted, top5=opts.top5)
+    common = {
+        "threat": threat,
+        "batch_size": opts.batch_size,
+        "seed": opts.seed,
+        "targeted": opts.targeted,
+        "top5": opts.top5,
+    }
     t0 = time.perf_counter()
     wb = run_protocol(
         model, x, y, white, progress=progress, desc="white-box", keep_adversarial=opts.save_adversarial is not None,
@@ -159,13 +165,21 @@ def evaluation_markdown(ev: dict[str, Any]) -> str:
     if "target_success" in wb:
         rows.append(["targeted attack success rate", pct_ci(wb["target_success"]), n])
     if "black_box" in ev:
-        rows.append([f"black-box: PGD transferred from {ev['black_box']['source']}", pct_ci(ev["black_box"]["robust"]), n])
+        rows.append(
+            [
+                f"black-box: PGD transferred from {ev['black_box']['source']}",
+                pct_ci(ev["black_box"]["robust"]),
+                n,
+            ]
+        )
     text = f"# Evaluation of `{ev['run']}`\n\n"
     text += f"Dataset {ev['dataset']}, method {ev['method']}, L∞ ε = {ev['eps']:g}, first {ev['n']} test points, seed {wb['seed']}"
     text += f", suite `{ev['suite']}`.\n\n" if ev.get("suite") else ".\n\n"
     text += markdown_table(["", "accuracy % [95% CI]", "N"], rows)
     text += "\nAttacks in order (each runs only on the points still robust; a point is robust only if it is "
     text += "correct clean and under every attack):\n\n"
-    attack_rows = [[a["label"], a["name"], json.dumps(a["params"]), str(wb["broken_by"][a["label"]])] for a in wb["attacks"]]
+    attack_rows = [
+        [a["label"], a["name"], json.dumps(a["params"]), str(wb["broken_by"][a["label"]])] for a in wb["attacks"]
+    ]
     text += markdown_table(["attack", "function", "settings", "points it broke"], attack_rows)
     return text

@@ -45,7 +45,12 @@ class AttackSpec:
             object.__setattr__(self, "label", self.name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "label": self.label, "params": dict(self.params), "transfer": self.transfer}
+        return {
+            "name": self.name,
+            "label": self.label,
+            "params": dict(self.params),
+            "transfer": self.transfer,
+        }
 
 
 @dataclass
@@ -76,9 +81,7 @@ class ProtocolResult:
             "attacks": [a.to_dict() for a in self.attacks],
             "clean": summarize(self.clean_correct),
             "robust": summarize(self.robust),
-            "broken_by": {
-                a.label: int((self.broken_by == i).sum()) for i, a in enumerate(self.attacks)
-            },
+            "broken_by": {a.label: int((self.broken_by == i).sum()) for i, a in enumerate(self.attacks)},
         }
         if self.robust_top5 is not None and self.clean_top5 is not None:
             out["clean_top5"] = summarize(self.clean_top5)
@@ -112,7 +115,8 @@ def _load_state(path: Path | None, fingerprint: str) -> tuple[dict[str, Tensor],
             meta = f.metadata() or {}
             if meta.get("fingerprint") != fingerprint:
                 return {}, 0
-            return {k: f.get_tensor(k) for k in f.keys()}, int(meta["done"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+            return tensors, int(meta["done"])
     except Exception:  # noqa: BLE001 - an unreadable state file just means starting over
         return {}, 0
 

@@ -87,7 +87,13 @@ def plot_histograms(path: Path, values: dict[str, Tensor], xlabel: str, title: s
     hi = max(float(v.max()) for v in values.values())
     bins = torch.linspace(0, hi, 50).numpy()
     for name, v in values.items():
-        ax.hist(v.numpy(), bins=bins, histtype="step", linewidth=1.5, label=f"{name} (median {float(v.median()):.1f})")
+        ax.hist(
+            v.numpy(),
+            bins=bins,
+            histtype="step",
+            linewidth=1.5,
+            label=f"{name} (median {float(v.median()):.1f})",
+        )
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
     ax.set_title(title)

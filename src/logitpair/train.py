@@ -75,7 +75,12 @@ def make_optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Op
     if o.optimizer == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.RMSprop(
-        params, lr=o.lr, alpha=o.rmsprop_decay, eps=o.rmsprop_eps, momentum=o.momentum, weight_decay=o.weight_decay
+        params,
+        lr=o.lr,
+        alpha=o.rmsprop_decay,
+        eps=o.rmsprop_eps,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
     )
 
 
@@ -114,7 +119,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
 
 def model_spec(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
     c, h, _ = splits.train.image_shape
-    return {"name": cfg.model, "kwargs": {"num_classes": splits.train.num_classes, "in_channels": c, "image_size": h}}
+    return {
+        "name": cfg.model,
+        "kwargs": {"num_classes": splits.train.num_classes, "in_channels": c, "image_size": h},
+    }
 
 
 def validate(model: nn.Module, splits: Splits, cfg: RunConfig) -> dict[str, float]:
@@ -131,7 +139,14 @@ def validate(model: nn.Module, splits: Splits, cfg: RunConfig) -> dict[str, floa
         gen = torch.Generator().manual_seed(cfg.seed + 17)
         correct = 0
         for i in range(0, n, 500):
-            xa = pgd(model, x[i : i + 500], y[i : i + 500], threat=Linf(cfg.loss.eps), steps=cfg.val_attack_steps, generator=gen)
+            xa = pgd(
+                model,
+                x[i : i + 500],
+                y[i : i + 500],
+                threat=Linf(cfg.loss.eps),
+                steps=cfg.val_attack_steps,
+                generator=gen,
+            )
             correct += int((predict(model, xa).argmax(1) == y[i : i + 500]).sum())
         out["val_pgd"] = correct / n
     return out
@@ -163,9 +178,7 @@ def remove_leftovers(out_dir: Path) -> None:
             prune(ckpts)
 
 
-def prepare_run_dir(
-    out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool, log: Logger = null_log
-) -> None:
+def prepare_run_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool, log: Logger = null_log) -> None:
     cfg_path = out_dir / "config.json"
     if resume:
         if cfg_path.is_file():
@@ -260,7 +273,13 @@ def train(
             ckpt_root,
             state["step"],
             files,
-            {"loop": state, "optimizer": opt_meta, "model_spec": spec, "config": to_dict(cfg), "version": __version__},
+            {
+                "loop": state,
+                "optimizer": opt_meta,
+                "model_spec": spec,
+                "config": to_dict(cfg),
+                "version": __version__,
+            },
         )
 
     train = splits.train
@@ -325,7 +344,11 @@ def train(
         state["train_seconds"] += time.perf_counter() - t0
         acc = state["acc"]
         n = max(acc.pop("n", 0), 1)
-        record = {"epoch": epoch + 1, "step": state["step"], "lr": lr_at(state["step"] - 1, steps_per_epoch, cfg)}
+        record = {
+            "epoch": epoch + 1,
+            "step": state["step"],
+            "lr": lr_at(state["step"] - 1, steps_per_epoch, cfg),
+        }
         record.update({f"train_{k}": v / n for k, v in acc.items()})
         evaluated = ema_model(model, ema)
         with torch.no_grad():
@@ -352,7 +375,10 @@ def train(
         "eps": cfg.loss.eps,
         "config": to_dict(cfg),
         "metrics": state["history"][-1] if state["history"] else {},
-        "selected": {"rule": cfg.select, "epoch": state["best"][0] if state["best"] else len(state["history"])},
+        "selected": {
+            "rule": cfg.select,
+            "epoch": state["best"][0] if state["best"] else len(state["history"]),
+        },
         "train_seconds": state["train_seconds"],
         "version": __version__,
     }

@@ -97,8 +97,7 @@ def _read_gzip(path: Path) -> np.ndarray:
             # deflate cannot expand more than ~1032:1; anything beyond is a lie or a bomb
             if expected > MAX_BYTES or expected > 1100 * compressed_size + 1024:
                 raise DataError(
-                    f"{path}: IDX header announces {expected} bytes, impossible for a "
-                    f"{compressed_size}-byte gzip file"
+                    f"{path}: IDX header announces {expected} bytes, impossible for a {compressed_size}-byte gzip file"
                 )
             body = f.read(expected - header_size + 1)
     except (OSError, EOFError, zlib.error) as exc:

@@ -35,7 +35,9 @@ def _load_split(folder: Path, split: str, classes: tuple[str, ...], hint: str) -
     images = read_idx(img_path)
     labels = read_idx(lab_path)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{img_path}: expected a 3-D uint8 IDX array (count, rows, cols), got {images.dtype} {images.shape}")
+        raise DataError(
+            f"{img_path}: expected a 3-D uint8 IDX array (count, rows, cols), got {images.dtype} {images.shape}"
+        )
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise DataError(f"{lab_path}: expected a 1-D uint8 IDX array of labels, got {labels.dtype} {labels.shape}")
     if len(images) != len(labels):
@@ -54,7 +56,11 @@ def _idx_loader(default: Path | None, classes: tuple[str, ...], hint: str):
             raise DataError(f"no data directory given. {hint}")
         if not folder.is_dir():
             raise DataError(f"{folder}: data directory not found. {hint}")
-        return _load_split(folder, "train", classes, hint), _load_split(folder, "test", classes, hint), str(folder)
+        return (
+            _load_split(folder, "train", classes, hint),
+            _load_split(folder, "test", classes, hint),
+            str(folder),
+        )
 
     return load
 
@@ -68,5 +74,9 @@ DATASETS.register("fashion-mnist")(
     )
 )
 DATASETS.register("mnist")(
-    _idx_loader(None, DIGITS, "Pass --data-dir with the four standard MNIST IDX files (train-images-idx3-ubyte[.gz], ...).")
+    _idx_loader(
+        None,
+        DIGITS,
+        "Pass --data-dir with the four standard MNIST IDX files (train-images-idx3-ubyte[.gz], ...).",
+    )
 )

@@ -68,9 +68,7 @@ METHODS: Registry = Registry("method")
 
 
 def cross_entropy(logits: Tensor, y: Tensor, cfg: MethodConfig) -> Tensor:
-    return torch.nn.functional.cross_entropy(
-        logits, y, reduction=cfg.ce_reduction, label_smoothing=cfg.label_smoothing
-    )
+    return torch.nn.functional.cross_entropy(logits, y, reduction=cfg.ce_reduction, label_smoothing=cfg.label_smoothing)
 
 
 def add_noise(x: Tensor, std: float) -> Tensor:
