@@ -48,7 +48,21 @@ def _not_weaker(ours: Tensor, theirs: Tensor) -> tuple[bool, str]:
     c = int((theirs & ~ours).sum())
     rise = (b - c) / n
     tol = max(0.01, 2 * math.sqrt(b + c) / n)
-    return rise <= tol, f"ours {ours.float().mean():.3f} vs ART {theirs.float().mean():.3f} (b={b}, c={c}, tol {tol:.3f})"
+    return (
+        rise <= tol,
+        f"ours {ours.float().mean():.3f} vs ART {theirs.float().mean():.3f} (b={b}, c={c}, tol {tol:.3f})",
+    )
+
+
+def _compare(what: str, model: nn.Module, x: Tensor, y: Tensor, eps: float, ours_adv: Tensor, theirs) -> Tensor:
+    """Both results in the ball; ours not weaker than ART's and within AGREE of it. Returns our robust flags."""
+    theirs_adv = torch.from_numpy(theirs)
+    assert _in_ball(ours_adv, x, eps) and _in_ball(theirs_adv, x, eps)
+    ours, theirs_robust = _robust(model, ours_adv, y), _robust(model, theirs_adv, y)
+    ok, text = _not_weaker(ours, theirs_robust)
+    assert ok, f"our {what} is weaker than ART's: {text}"
+    assert abs(ours.float().mean() - theirs_robust.float().mean()) <= AGREE, f"{what}: {text}"
+    return ours
 
 
 @pytest.fixture(scope="module")
@@ -76,18 +90,15 @@ def setting(trained_model, tiny_data):
 def test_pgd_matches_art(setting):
     model, clf, x, y, eps = setting
     alpha = 2.5 * eps / STEPS
-    ours_adv = pgd(model, x, y, threat=Linf(eps), steps=STEPS, step_size=alpha, generator=torch.Generator().manual_seed(1))
+    ours_adv = pgd(
+        model, x, y, threat=Linf(eps), steps=STEPS, step_size=alpha, generator=torch.Generator().manual_seed(1)
+    )
     np.random.seed(1)
     torch.manual_seed(1)
     theirs_adv = ProjectedGradientDescent(
         clf, norm=np.inf, eps=eps, eps_step=alpha, max_iter=STEPS, num_random_init=1, batch_size=128, verbose=False
     ).generate(x.numpy(), y=y.numpy())
-    theirs_adv = torch.from_numpy(theirs_adv)
-    assert _in_ball(ours_adv, x, eps) and _in_ball(theirs_adv, x, eps)
-    ours, theirs = _robust(model, ours_adv, y), _robust(model, theirs_adv, y)
-    ok, text = _not_weaker(ours, theirs)
-    assert ok, f"our PGD is weaker than ART's: {text}"
-    assert abs(ours.float().mean() - theirs.float().mean()) <= AGREE, text
+    ours = _compare("PGD", model, x, y, eps, ours_adv, theirs_adv)
     assert ours.float().mean() < _robust(model, x, y).float().mean() - 0.2  # the attack did work
 
 
@@ -107,9 +118,4 @@ def test_apgd_ce_matches_art(setting):
         loss_type="cross_entropy",
         verbose=False,
     ).generate(x.numpy(), y=y.numpy())
-    theirs_adv = torch.from_numpy(theirs_adv)
-    assert _in_ball(ours_adv, x, eps) and _in_ball(theirs_adv, x, eps)
-    ours, theirs = _robust(model, ours_adv, y), _robust(model, theirs_adv, y)
-    ok, text = _not_weaker(ours, theirs)
-    assert ok, f"our APGD-CE is weaker than ART's: {text}"
-    assert abs(ours.float().mean() - theirs.float().mean()) <= AGREE, text
+    _compare("APGD-CE", model, x, y, eps, ours_adv, theirs_adv)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from logitpair.attacks.common import is_success
+from logitpair.attacks.common import is_success, loss_grad
 from logitpair.errors import ConfigError
 from logitpair.modes import attack_context
 from logitpair.threat import Linf
@@ -111,15 +111,6 @@ def halving_condition(
     return condition1 | condition2
 
 
-def _loss_grad(model: nn.Module, x: Tensor, loss_fn: LossFn) -> tuple[Tensor, Tensor, Tensor]:
-    """One forward and backward: (per-example loss, logits, d sum(loss) / d x)."""
-    x = x.detach().requires_grad_(True)
-    logits = model(x)
-    loss = loss_fn(logits)
-    (grad,) = torch.autograd.grad(loss.sum(), x)
-    return loss.detach(), logits.detach(), grad
-
-
 def _apgd_run(
     model: nn.Module,
     x: Tensor,
@@ -142,7 +133,7 @@ def _apgd_run(
     checkpoints = [w for w in apgd_checkpoints(steps) if 0 < w < steps]
 
     x_cur = threat.random_init(x, generator)
-    loss, logits, grad = _loss_grad(model, x_cur, loss_fn)
+    loss, logits, grad = loss_grad(model, x_cur, loss_fn)
     out_x, out_loss, out_succ = x_cur, loss, success_fn(logits)
     x_max, f_max, grad_max = x_cur, loss, grad
     x_prev = x_cur
@@ -164,7 +155,7 @@ def _apgd_run(
         if trace is not None:
             step_sizes.append(eta)
         if k + 1 < steps:
-            loss, logits, grad = _loss_grad(model, x_cur, loss_fn)
+            loss, logits, grad = loss_grad(model, x_cur, loss_fn)
         else:  # the last iterate needs no gradient
             with torch.no_grad():
                 logits = model(x_cur)

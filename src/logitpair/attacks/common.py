@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,13 +28,18 @@ def is_success(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
     return pred != y if target is None else pred == target
 
 
-def input_grad(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """One forward and backward: (per-example loss, logits, d sum(loss) / d x)."""
+def loss_grad(model: nn.Module, x: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward and backward: (per-example ``loss_fn(logits)``, logits, d sum(loss) / d x)."""
     x = x.detach().requires_grad_(True)
     logits = model(x)
-    loss = attack_loss(logits, y, target)
+    loss = loss_fn(logits)
     (grad,) = torch.autograd.grad(loss.sum(), x)
     return loss.detach(), logits.detach(), grad
+
+
+def input_grad(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`loss_grad` of :func:`attack_loss` (CE ascent, or targeted CE descent)."""
+    return loss_grad(model, x, lambda logits: attack_loss(logits, y, target))
 
 
 def prepare_target(
