@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _results import write_result
 from torch import Tensor
 
 from logitpair.attacks import apgd_ce, pgd
@@ -100,19 +99,14 @@ def main() -> None:
         "eps": args.eps,
         "model": args.model,
         "device": str(dev),
-        "threads": torch.get_num_threads(),
         "repeats": args.repeats,
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
         "k_forward_backward_seconds": best["forward_backward"],
         "ratios": {n: best[n] / best["forward_backward"] for n in attacks},
         "ratios_vs_forward_backward_at_adversarial": {n: best[n] / best[f"forward_backward_at_{n}"] for n in attacks},
         "seconds": {n: best[n] for n in attacks},
         "all_seconds": times,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(
         json.dumps(
             {

@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from _results import write_result
+
 from logitpair.data import DATASETS
 
 
@@ -30,8 +32,7 @@ def main() -> None:
         "seconds_min": min(times),
         "seconds_all": times,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
 
 

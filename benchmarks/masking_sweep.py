@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from pathlib import Path
 
 import torch
+from _results import write_result
 
 from logitpair.checkpoint import load_model
 from logitpair.evalrun import test_points
@@ -88,13 +87,9 @@ def main() -> None:
         "what": "robust accuracy under the baselines and the suites, same points and seed",
         "n": args.n,
         "seed": args.seed,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "torch": torch.__version__,
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, out)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-from pathlib import Path
 
-import torch
+from _results import write_result
 
 from logitpair.checkpoint import load_model
 from logitpair.evalrun import test_points
@@ -58,12 +56,9 @@ def main() -> None:
     out = {
         "suite": args.suite,
         "n": args.n,
-        "machine": platform.machine(),
-        "torch": torch.__version__,
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, out)
 
 
 if __name__ == "__main__":
