@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from logitpair.environment import environment
 from logitpair.io import write_json
-from logitpair.train import environment
 
 
 def write_result(path: str | Path, result: dict[str, Any]) -> None:

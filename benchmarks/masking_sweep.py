@@ -25,10 +25,9 @@ import torch
 from _results import write_result
 
 from logitpair.checkpoint import load_model
-from logitpair.evalrun import test_points
+from logitpair.evaluation import get_suite, pgd_spec, run_protocol
+from logitpair.evaluation.run import test_points
 from logitpair.metrics import summarize
-from logitpair.protocol import pgd_spec, run_protocol
-from logitpair.suites import get_suite
 from logitpair.threat import Linf
 
 

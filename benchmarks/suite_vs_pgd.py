@@ -20,10 +20,9 @@ import json
 from _results import write_result
 
 from logitpair.checkpoint import load_model
-from logitpair.evalrun import test_points
+from logitpair.evaluation import AttackSpec, get_suite, pgd_spec, run_protocol
+from logitpair.evaluation.run import test_points
 from logitpair.metrics import summarize
-from logitpair.protocol import AttackSpec, pgd_spec, run_protocol
-from logitpair.suites import get_suite
 from logitpair.threat import Linf
 
 

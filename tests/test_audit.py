@@ -31,7 +31,7 @@ from conftest import make_images, train_small_cnn
 from torch import Tensor, nn
 
 from logitpair.audit import CHECK_DOCS, CHECK_NAMES, AuditSettings, audit, audit_run, paired_rise
-from logitpair.protocol import AttackSpec
+from logitpair.evaluation import AttackSpec
 from logitpair.threat import Linf
 
 SMALL = AuditSettings(
@@ -240,7 +240,7 @@ def test_paired_tolerance_rule():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     from logitpair.config import make_config
-    from logitpair.train import train
+    from logitpair.training import train
 
     cfg = make_config(
         overrides={

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from logitpair.cli import main
+from logitpair.methods import METHODS
+from logitpair.models import list_models
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -61,8 +63,8 @@ def test_config_file_and_resolved_config(tmp_path, data_dir):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "vgg"], "unknown model 'vgg'; valid names: lenet, lenet5"),
-        (["--method", "magic"], "unknown method 'magic'; valid names: alp, clp, lsq, mpgd, regular"),
+        (["--model", "vgg"], "unknown model 'vgg'; valid names: " + ", ".join(list_models())),
+        (["--method", "magic"], "unknown method 'magic'; valid names: " + ", ".join(METHODS.names())),
         (["--dataset", "svhn2"], "unknown dataset 'svhn2'; valid names"),
         (["--eps", "-0.1"], "eps: expected 0 <= eps <= 1"),
         (["--attack-steps", "0"], "attack_steps: expected >= 1"),

@@ -41,7 +41,7 @@ DRIVER = r"""
 import importlib, json, os, signal, sys, traceback
 import torch
 torch.set_num_threads(1)
-import logitpair.train
+import logitpair.training.loop
 from logitpair.cli import main
 
 def install(spec):
@@ -317,7 +317,7 @@ def test_disk_full_at_second_checkpoint(data, inproc_reference, tmp_path, monkey
 def test_disk_full_writing_metrics(data, inproc_reference, tmp_path, monkeypatch, capsys):
     """ENOSPC when metrics.jsonl is rewritten at the end of epoch 1: one error line, exit 2,
     checkpoints untouched; --resume then ends identical."""
-    import logitpair.train as trainmod
+    import logitpair.training.loop as trainmod
 
     out = tmp_path / "run"
     orig = trainmod.write_text

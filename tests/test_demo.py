@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from logitpair.audit import AuditSettings
-from logitpair.demo import DemoOptions, run_demo
-from logitpair.protocol import AttackSpec
+from logitpair.evaluation import AttackSpec
+from logitpair.experiments.demo import DemoOptions, run_demo
 
 
 def test_demo_writes_results_and_replaces_atomically(tmp_path, data_dir):

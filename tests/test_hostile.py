@@ -22,6 +22,7 @@ from conftest import write_mnist_dir
 from logitpair.cli import main
 from logitpair.config import make_config, to_dict
 from logitpair.data import write_idx
+from logitpair.models import list_models
 
 TRAIN = [
     "train",
@@ -256,7 +257,7 @@ def test_flipped_checkpoint_bytes(tmp_path, trained_run, data_dir, capsys):
     "name, expected",
     [
         ("lenet", "shape mismatch for"),
-        ("resnet-9000", "unknown model architecture 'resnet-9000'; known: lenet, lenet5"),
+        ("resnet-9000", "unknown model architecture 'resnet-9000'; known: " + ", ".join(list_models())),
     ],
 )
 def test_model_json_wrong_architecture(tmp_path, trained_run, capsys, name, expected):

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from logitpair.errors import ConfigError
-from logitpair.methods import METHODS, MethodConfig
+from logitpair.methods import METHODS, BatchContext, MethodConfig
 from logitpair.pairing import pair_distance
 
 CFG = MethodConfig(eps=0.1, attack_steps=2, attack_step_size=0.05, lam=0.7)
+CTX = BatchContext()
 
 
 class Recorder(nn.Module):
@@ -51,7 +52,7 @@ def test_methods_finite_grads_and_mode(name, tiny_data):
     torch.manual_seed(0)
     model = Recorder().train()
     x, y = tiny_data[0][:16], tiny_data[1][:16]
-    loss, metrics = METHODS.get(name)(model, x, y, CFG)
+    loss, metrics = METHODS.get(name)(model, x, y, CFG, CTX)
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert all(not v.requires_grad for v in metrics.values())
     loss.backward()
@@ -65,7 +66,7 @@ def test_adversarial_methods_attack_in_eval_and_train_on_joint_batch(name, tiny_
     torch.manual_seed(0)
     model = Recorder().train()
     x, y = tiny_data[0][:16], tiny_data[1][:16]
-    METHODS.get(name)(model, x, y, CFG)
+    METHODS.get(name)(model, x, y, CFG, CTX)
     attack_calls = [c for c in model.calls if c[0] is False]
     train_calls = [c for c in model.calls if c[0] is True]
     assert len(attack_calls) >= CFG.attack_steps and all(n == 16 for _, n in attack_calls)
@@ -76,13 +77,13 @@ def test_alp_is_mpgd_plus_lambda_pairing(tiny_data):
     model = Recorder().eval()  # eval: BatchNorm statistics stay fixed between the calls
     x, y = tiny_data[0][:16], tiny_data[1][:16]
     torch.manual_seed(3)
-    mpgd, _ = METHODS.get("mpgd")(model, x, y, CFG)
+    mpgd, _ = METHODS.get("mpgd")(model, x, y, CFG, CTX)
     torch.manual_seed(3)
-    alp, m = METHODS.get("alp")(model, x, y, CFG)
+    alp, m = METHODS.get("alp")(model, x, y, CFG, CTX)
     assert m["pair"] > 0
     assert torch.allclose(alp, mpgd + CFG.lam * m["pair"])
     torch.manual_seed(3)
-    alp0, _ = METHODS.get("alp")(model, x, y, MethodConfig(**{**CFG.__dict__, "lam": 0.0}))
+    alp0, _ = METHODS.get("alp")(model, x, y, MethodConfig(**{**CFG.__dict__, "lam": 0.0}), CTX)
     assert torch.allclose(alp0, mpgd)
 
 
@@ -90,7 +91,7 @@ def test_mpgd_is_half_clean_half_adversarial(tiny_data):
     model = Recorder().eval()
     x, y = tiny_data[0][:16], tiny_data[1][:16]
     torch.manual_seed(3)
-    loss, _ = METHODS.get("mpgd")(model, x, y, CFG)
+    loss, _ = METHODS.get("mpgd")(model, x, y, CFG, CTX)
     torch.manual_seed(3)
     from logitpair.attacks import pgd
 
@@ -119,13 +120,13 @@ def test_clp_pairs_first_half_with_second_half():
     cfg = MethodConfig(lam=1.0, noise_std=0.0)
     half = torch.rand(4, 1, 28, 28)
     y = torch.zeros(8, dtype=torch.long)
-    _, m = METHODS.get("clp")(Identity(), torch.cat([half, half]), y, cfg)
+    _, m = METHODS.get("clp")(Identity(), torch.cat([half, half]), y, cfg, CTX)
     assert m["pair"] == 0, "example i must be paired with example i + m/2"
     distinct = torch.rand(8, 1, 28, 28)
-    _, m = METHODS.get("clp")(Identity(), distinct, y, cfg)
+    _, m = METHODS.get("clp")(Identity(), distinct, y, cfg, CTX)
     logits = distinct.flatten(1)[:, :10]
     assert torch.allclose(m["pair"], ((logits[:4] - logits[4:]) ** 2).mean())
-    _, m = METHODS.get("clp")(Identity(), distinct[:7], y[:7], cfg)  # odd batch: last one unpaired
+    _, m = METHODS.get("clp")(Identity(), distinct[:7], y[:7], cfg, CTX)  # odd batch: last one unpaired
     assert torch.allclose(m["pair"], ((logits[:3] - logits[3:6]) ** 2).mean())
 
 
@@ -139,7 +140,7 @@ def test_lsq_penalises_unsquared_logit_norm():
             return self.z + 0 * x.sum()
 
     y = torch.tensor([0, 9])
-    loss, m = METHODS.get("lsq")(Fixed(), torch.rand(2, 1, 28, 28), y, MethodConfig(lam=0.5, noise_std=0.0))
+    loss, m = METHODS.get("lsq")(Fixed(), torch.rand(2, 1, 28, 28), y, MethodConfig(lam=0.5, noise_std=0.0), CTX)
     assert torch.allclose(m["logit_norm"], torch.tensor(3.5))
     ce = F.cross_entropy(Fixed().z, y)
     assert torch.allclose(loss, ce + 0.5 * 3.5)
@@ -149,8 +150,8 @@ def test_noise_methods_add_noise(tiny_data):
     model = Recorder().train()
     x, y = tiny_data[0][:8], tiny_data[1][:8]
     torch.manual_seed(0)
-    a, _ = METHODS.get("lsq")(model, x, y, MethodConfig(noise_std=0.5))
-    b, _ = METHODS.get("lsq")(model, x, y, MethodConfig(noise_std=0.5))
+    a, _ = METHODS.get("lsq")(model, x, y, MethodConfig(noise_std=0.5), CTX)
+    b, _ = METHODS.get("lsq")(model, x, y, MethodConfig(noise_std=0.5), CTX)
     assert not torch.equal(a, b)
 
 

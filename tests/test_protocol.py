@@ -8,8 +8,7 @@ from torch import nn
 
 import logitpair
 from logitpair.attacks import ATTACKS
-from logitpair.protocol import AttackSpec, run_protocol
-from logitpair.suites import SUITES, get_suite, parse_attacks
+from logitpair.evaluation import SUITES, AttackSpec, get_suite, parse_attacks, run_protocol
 from logitpair.threat import Linf
 
 

@@ -15,7 +15,7 @@ from logitpair.checkpoint import latest_checkpoint
 from logitpair.config import make_config
 from logitpair.data import load_dataset
 from logitpair.errors import CheckpointError, ConfigError, TrainingDiverged
-from logitpair.train import train
+from logitpair.training import train
 
 
 def tiny_cfg(data_dir: Path, **over):
@@ -112,7 +112,7 @@ def test_corrupt_or_mismatched_weights_rejected(tmp_path, data_dir, splits):
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, data_dir, splits):
-    from logitpair.train import epoch_order
+    from logitpair.training import epoch_order
 
     cfg = tiny_cfg(data_dir, method="regular", checkpoint_every=2, optim={"epochs": 1, "batch_size": 50})
     x = splits.train.x.clone()
@@ -153,7 +153,7 @@ def test_out_dir_protection(tmp_path, data_dir, splits):
 
 
 def test_ema_weights_are_exported(tmp_path, data_dir, splits):
-    from logitpair.train import update_ema
+    from logitpair.training import update_ema
 
     plain = train(
         tiny_cfg(data_dir, method="regular", optim={"epochs": 1, "batch_size": 50}),

@@ -1,14 +1,14 @@
 """logitpair: train and honestly evaluate adversarially robust image classifiers.
 
 Implements Adversarial Logit Pairing (Kannan, Kurakin, Goodfellow 2018) and the methods,
-attacks and checks around it.
+attacks and checks around it. Public entry points: :func:`load_model`, :func:`create_model`,
+:func:`evaluate`, :class:`Linf`, ``logitpair.attacks.*`` and ``logitpair.audit.audit``.
 """
 
-__version__ = "0.1.0"
-
+from logitpair._version import __version__
 from logitpair.threat import Linf
 
-__all__ = ["Linf", "__version__", "evaluate", "load_model"]
+__all__ = ["Linf", "__version__", "create_model", "evaluate", "load_model"]
 
 
 def load_model(path, *, device="cpu"):
@@ -18,8 +18,15 @@ def load_model(path, *, device="cpu"):
     return _load_model(path, device=device)
 
 
+def create_model(name, num_classes=10, **kwargs):
+    """Build a registered model (``logitpair list`` names them); see :mod:`logitpair.models`."""
+    from logitpair.models import create_model as _create_model
+
+    return _create_model(name, num_classes=num_classes, **kwargs)
+
+
 def evaluate(model, x, y, **kwargs):
-    """Run an attack suite on any model; see :func:`logitpair.protocol.evaluate`."""
-    from logitpair.protocol import evaluate as _evaluate
+    """Run an attack suite on any model; see :func:`logitpair.evaluation.evaluate`."""
+    from logitpair.evaluation import evaluate as _evaluate
 
     return _evaluate(model, x, y, **kwargs)

@@ -27,6 +27,7 @@ def pgd(
     target: Tensor | None = None,
     keep_best: bool = True,
     generator: torch.Generator | None = None,
+    init: Tensor | None = None,
 ) -> Tensor:
     """PGD with random start and restarts; returns the per-example worst case found.
 
@@ -44,6 +45,8 @@ def pgd(
         keep_best: also consider every intermediate iterate, not only the last one (never weaker;
             costs one extra forward). ``False`` returns Madry's last iterate.
         generator: source of the random starts and random targets, for reproducible runs.
+        init: starting point of the first restart (projected into the ball), in place of a
+            random start; training losses pass starts keyed per sample this way.
 
     The model is run in eval mode with frozen parameters; its mode and ``requires_grad``
     flags are restored afterwards. No host synchronisation happens inside the loop.
@@ -72,8 +75,11 @@ def pgd(
             best_loss = torch.where(better, loss, best_loss)
             best_succ = best_succ | succ
 
-        for _ in range(restarts):
-            x_adv = threat.random_init(x, generator) if random_start else x.clone()
+        for r in range(restarts):
+            if r == 0 and init is not None:
+                x_adv = threat.project(x, init.detach())
+            else:
+                x_adv = threat.random_init(x, generator) if random_start else x.clone()
             for _ in range(steps):
                 loss, logits, grad = input_grad(model, x_adv, y, target)
                 if keep_best:

@@ -1,16 +1,41 @@
-"""In-memory image datasets and the dataset registry."""
+"""In-memory image datasets, the dataset interface and the dataset registry.
+
+A loader is ``loader(data_dir: Path | None, **options) -> (train, test, source)``; the
+two datasets follow :class:`Dataset` (an in-memory :class:`ImageDataset` or a lazy
+``FolderDataset``). Batches come from ``dataset.get_batch(idx, train=..., key=...)`` or,
+for a whole epoch with decoding workers, from ``logitpair.data.iterate_batches``.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from logitpair.errors import ConfigError
 from logitpair.registry import Registry
+
+
+class Dataset(Protocol):
+    """What training and evaluation may rely on, in memory or decoded lazily from disk."""
+
+    y: Tensor  # int64 labels, always in memory
+    num_classes: int
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int: ...
+
+    def subset(self, index: Tensor | slice) -> Dataset: ...
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    def get_batch(self, idx: Tensor, *, train: bool = False, key: int = 0) -> tuple[Tensor, Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -36,23 +61,27 @@ class ImageDataset:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.x.shape[1:])  # type: ignore[return-value]
 
+    def get_batch(self, idx: Tensor, *, train: bool = False, key: int = 0) -> tuple[Tensor, Tensor]:
+        """``(x[idx], y[idx])``. In-memory datasets have no augmentation: ``train`` and ``key`` are ignored."""
+        return self.x[idx], self.y[idx]
+
 
 @dataclass(frozen=True)
 class Splits:
     """Train / validation / test. Validation is held out of the training set."""
 
-    train: ImageDataset
-    val: ImageDataset
-    test: ImageDataset
+    train: Dataset
+    val: Dataset
+    test: Dataset
     name: str
     source: str
 
 
-Loader = Callable[[Path | None], tuple[ImageDataset, ImageDataset, str]]
+Loader = Callable[..., tuple[Dataset, Dataset, str]]
 DATASETS: Registry = Registry("dataset")
 
 
-def split_validation(train: ImageDataset, val_size: int, seed: int) -> tuple[ImageDataset, ImageDataset]:
+def split_validation(train: Dataset, val_size: int, seed: int) -> tuple[Dataset, Dataset]:
     """Hold out ``val_size`` seeded-random training images as a validation set."""
     if not 0 <= val_size < len(train):
         raise ConfigError(f"val_size: expected 0 <= val_size < {len(train)} (training set size), got {val_size}")
@@ -60,9 +89,33 @@ def split_validation(train: ImageDataset, val_size: int, seed: int) -> tuple[Ima
     return train.subset(perm[val_size:].sort().values), train.subset(perm[:val_size].sort().values)
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, val_size: int = 5000, seed: int = 0) -> Splits:
-    """Load a registered dataset from ``data_dir`` (or its default location) and split it."""
+def loader_options(name: str, loader: Loader, options: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` that ``loader`` accepts as keywords; options set to None count as not given.
+
+    Raises :class:`ConfigError` naming the first option the loader does not accept.
+    """
+    given = {k: v for k, v in options.items() if v is not None}
+    params = list(inspect.signature(loader).parameters.values())[1:]  # the first is data_dir
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return given
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for opt in given:
+        if opt not in accepted:
+            valid = ", ".join(accepted) if accepted else "none"
+            raise ConfigError(f"dataset {name!r} does not accept option {opt!r}; its options: {valid}")
+    return given
+
+
+def load_dataset(
+    name: str, data_dir: str | Path | None = None, val_size: int = 5000, seed: int = 0, **options: Any
+) -> Splits:
+    """Load a registered dataset from ``data_dir`` (or its default location) and split it.
+
+    ``options`` (e.g. ``image_size=64, skip_bad=True`` for the folder datasets, ``extra=True``
+    for SVHN) go to the loader; an option it does not take is a :class:`ConfigError`.
+    """
     loader = DATASETS.get(name)
-    train, test, source = loader(Path(data_dir) if data_dir else None)
+    kwargs = loader_options(name, loader, options)
+    train, test, source = loader(Path(data_dir) if data_dir else None, **kwargs)
     train, val = split_validation(train, val_size, seed)
     return Splits(train=train, val=val, test=test, name=name, source=source)

@@ -1,8 +1,11 @@
-"""The training-method interface: ``loss(model, x, y, cfg) -> (loss, metrics)``.
+"""The training-method interface: ``loss(model, x, y, cfg, ctx) -> (loss, metrics)``.
 
-A method never touches the optimizer and leaves the model's mode as it found it. It may
-call attacks (which run in eval mode with frozen parameters) and then forwards in whatever
-mode the trainer set (train mode during training, as in the official ALP code).
+``cfg`` is the run's :class:`MethodConfig`; ``ctx`` the per-batch
+:class:`~logitpair.methods.context.BatchContext` (sample indices, seeded randomness, epoch
+and step, static source models, the module without its DDP wrapper). A method never touches
+the optimizer and leaves the model's mode as it found it. It may call attacks (which run in
+eval mode with frozen parameters, on ``ctx.unwrap(model)``) and then forwards ``model`` in
+whatever mode the trainer set (train mode during training, as in the official ALP code).
 ``metrics`` maps names to detached scalar tensors (no host sync inside the loss).
 """
 
@@ -15,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from logitpair.errors import ConfigError
+from logitpair.methods.context import NOISE, START, BatchContext
 from logitpair.pairing import DISTANCES, REDUCTIONS
 from logitpair.registry import Registry
 from logitpair.threat import Linf
@@ -63,7 +67,7 @@ class MethodConfig:
         return Linf(self.eps)
 
 
-LossFn = Callable[[nn.Module, Tensor, Tensor, MethodConfig], tuple[Tensor, dict[str, Tensor]]]
+LossFn = Callable[[nn.Module, Tensor, Tensor, MethodConfig, BatchContext], tuple[Tensor, dict[str, Tensor]]]
 METHODS: Registry = Registry("method")
 
 
@@ -71,11 +75,19 @@ def cross_entropy(logits: Tensor, y: Tensor, cfg: MethodConfig) -> Tensor:
     return torch.nn.functional.cross_entropy(logits, y, reduction=cfg.ce_reduction, label_smoothing=cfg.label_smoothing)
 
 
-def add_noise(x: Tensor, std: float) -> Tensor:
-    """Gaussian-noise augmentation (global torch RNG, so it is seeded and checkpointed)."""
+def add_noise(x: Tensor, std: float, ctx: BatchContext) -> Tensor:
+    """Gaussian-noise augmentation ``clip(x + std * N(0, I))`` with the context's randomness."""
     if std == 0:
         return x
-    return (x + std * torch.randn_like(x)).clamp(0.0, 1.0)
+    return (x + std * ctx.normal(x, NOISE)).clamp(0.0, 1.0)
+
+
+def random_start(x: Tensor, cfg: MethodConfig, ctx: BatchContext) -> Tensor | None:
+    """The training attack's random start: keyed per sample when ``ctx.keyed``, else None
+    (the attack then draws it from ``ctx.generator`` / the global RNG itself)."""
+    if not (cfg.attack_random_start and ctx.keyed):
+        return None
+    return cfg.threat.project(x, x + (2.0 * ctx.uniform(x, START) - 1.0) * cfg.eps)
 
 
 def accuracy(logits: Tensor, y: Tensor) -> Tensor:

@@ -9,18 +9,19 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from logitpair.methods.base import METHODS, MethodConfig, accuracy, add_noise, cross_entropy
+from logitpair.methods.context import BatchContext
 from logitpair.pairing import pair_distance
 
 
 @METHODS.register("clp")
-def clp_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def clp_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext) -> tuple[Tensor, dict[str, Tensor]]:
     """``CE(f(x~)) + cfg.lam * D(f(x~_i), f(x~_{i+m/2}))`` with ``x~ = clip(x + N(0, noise_std^2))``.
 
     The batch (already shuffled by the loader) is split in two halves and example ``i`` is
     paired with example ``i + m/2`` (an odd last example is left unpaired). ``D`` as in ALP:
     by default the squared difference averaged over pairs and classes. CE: mean over the batch.
     """
-    xn = add_noise(x, cfg.noise_std)
+    xn = add_noise(x, cfg.noise_std, ctx)
     logits = model(xn)
     ce = cross_entropy(logits, y, cfg)
     half = len(x) // 2
@@ -30,10 +31,10 @@ def clp_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig) -> tuple
 
 
 @METHODS.register("lsq")
-def lsq_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def lsq_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext) -> tuple[Tensor, dict[str, Tensor]]:
     """``CE(f(x~)) + cfg.lam * mean_i ||f(x~_i)||_2`` (unsquared L2 norm of each example's logits,
     averaged over the batch) with ``x~ = clip(x + N(0, noise_std^2))``. CE: mean over the batch."""
-    xn = add_noise(x, cfg.noise_std)
+    xn = add_noise(x, cfg.noise_std, ctx)
     logits = model(xn)
     ce = cross_entropy(logits, y, cfg)
     norm = logits.norm(dim=1).mean()

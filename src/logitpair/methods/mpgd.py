@@ -13,13 +13,16 @@ import torch
 from torch import Tensor, nn
 
 from logitpair.attacks.pgd import pgd
-from logitpair.methods.base import METHODS, MethodConfig, accuracy, cross_entropy
+from logitpair.methods.base import METHODS, MethodConfig, accuracy, cross_entropy, random_start
+from logitpair.methods.context import BatchContext
 from logitpair.pairing import pair_distance
 
 
-def _joint_forward(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig) -> tuple[Tensor, Tensor, Tensor]:
+def _joint_forward(
+    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+) -> tuple[Tensor, Tensor, Tensor]:
     x_adv = pgd(
-        model,
+        ctx.unwrap(model),
         x,
         y,
         threat=cfg.threat,
@@ -27,29 +30,31 @@ def _joint_forward(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig) ->
         step_size=cfg.attack_step_size,
         random_start=cfg.attack_random_start,
         keep_best=False,
+        generator=ctx.generator,
+        init=random_start(x, cfg, ctx),
     )
     logits = model(torch.cat([x, x_adv]))
     return logits[: len(x)], logits[len(x) :], torch.cat([y, y])
 
 
 @METHODS.register("mpgd")
-def mpgd_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def mpgd_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext) -> tuple[Tensor, dict[str, Tensor]]:
     """``1/2 CE(clean) + 1/2 CE(PGD)``: CE over the joint batch, reduced by ``cfg.ce_reduction``
     (default mean). PGD: ``cfg.attack_steps`` steps of ``cfg.attack_step_size`` in ``Linf(cfg.eps)``."""
-    clean, adv, yy = _joint_forward(model, x, y, cfg)
+    clean, adv, yy = _joint_forward(model, x, y, cfg, ctx)
     loss = cross_entropy(torch.cat([clean, adv]), yy, cfg)
     return loss, {"ce": loss.detach(), "acc": accuracy(clean, y), "acc_adv": accuracy(adv, y)}
 
 
 @METHODS.register("alp")
-def alp_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def alp_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext) -> tuple[Tensor, dict[str, Tensor]]:
     """M-PGD loss ``+ cfg.lam * D(f(x), f(x_adv))``.
 
     ``D`` is ``pair_distance(..., cfg.distance, cfg.pair_reduction)``: by default the squared
     logit difference averaged over batch and classes (the official ``mean_squared_error``).
     Gradients flow through both the clean and the adversarial logits.
     """
-    clean, adv, yy = _joint_forward(model, x, y, cfg)
+    clean, adv, yy = _joint_forward(model, x, y, cfg, ctx)
     ce = cross_entropy(torch.cat([clean, adv]), yy, cfg)
     pair = pair_distance(clean, adv, cfg.distance, cfg.pair_reduction)
     loss = ce + cfg.lam * pair

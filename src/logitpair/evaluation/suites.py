@@ -20,7 +20,7 @@ from typing import Any
 
 from logitpair.attacks import ATTACKS
 from logitpair.errors import ConfigError
-from logitpair.protocol import AttackSpec, pgd_spec
+from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.threat import parse_fraction
 
 SUITES: dict[str, tuple[AttackSpec, ...]] = {

@@ -4,9 +4,9 @@ The checks are those of Carlini et al. 2019, *On Evaluating Adversarial Robustne
 (https://arxiv.org/abs/1902.06705, Section 5 checklist) and Athalye et al. 2018,
 *Obfuscated Gradients Give a False Sense of Security* (https://arxiv.org/abs/1802.00420),
 written as flags with one documented section each, as AutoAttack's ``checks.py`` and
-``flags_doc.md``. :data:`CHECK_DOCS` (in :mod:`logitpair.audit_docs`) holds the sections;
+``flags_doc.md``. :data:`CHECK_DOCS` (in :mod:`logitpair.audit.docs`) holds the sections;
 :data:`TOLERANCE_DOC` the rule every "must not rise" comparison uses. The Markdown report and
-the plots are made by :mod:`logitpair.audit_report`.
+the plots are made by :mod:`logitpair.audit.report`.
 
 A check is ``passed=True`` (pass), ``False`` (fail) or ``None`` (skipped: it could not
 run, e.g. no source model for the transfer check). Skipped is never counted as passed,
@@ -17,7 +17,7 @@ Example::
 
     report = audit(model, x, y, threat=Linf(0.1), quick=True)
     print(report.verdict, report.reasons)
-    audit_run("runs/lsq", quick=True)          # writes audit.json, audit.md and plots
+    audit_run("runs/lsq", quick=True)          # writes audit.json, audit.md and plots (audit.run)
 
 Budget: attacks shared by several checks run once (the PGD-20 run serves the steps, restarts
 and eps series). The full audit (standard suite, 500 points by default in :func:`audit_run`)
@@ -32,19 +32,19 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from logitpair.audit_docs import CHECK_DOCS, CHECK_NAMES, TOLERANCE_DOC  # noqa: F401 - re-exported
+from logitpair.audit.docs import CHECK_NAMES
 from logitpair.errors import ConfigError
+from logitpair.evaluation.protocol import run_protocol
+from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.metrics import summarize
 from logitpair.modes import attack_context, eval_mode
 from logitpair.progress import ProgressFactory, null_progress
-from logitpair.protocol import AttackSpec, pgd_spec, run_protocol
 from logitpair.threat import Linf
 
 
@@ -144,7 +144,7 @@ class AuditSettings:
         )
 
     def suite_specs(self) -> list[AttackSpec]:
-        from logitpair.suites import get_suite
+        from logitpair.evaluation.suites import get_suite
 
         specs = get_suite(self.suite) if isinstance(self.suite, str) else list(self.suite)
         # gradient-free attacks last, so "broken only by Square" is well defined
@@ -693,79 +693,4 @@ def _summary(r: _Runner) -> dict[str, Any]:
         if not _crashed(val) and key != "clean" and (not isinstance(key, tuple) or key[1] == round(r.threat.eps, 12)):
             worst &= val.robust
     out["worst_case_all"] = summarize(worst)
-    return out
-
-
-# --------------------------------------------------------------------------- run directories
-def _jsonable(obj: Any) -> Any:
-    """Non-finite floats become None (strict JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def _run_eps(model: nn.Module, eps: float | None) -> float:
-    if eps is not None:
-        return float(eps)
-    meta = getattr(model, "meta", {}) or {}
-    if meta.get("eps") is not None:
-        return float(meta["eps"])
-    loss = (meta.get("config") or {}).get("loss") or {}
-    if loss.get("eps") is not None:
-        return float(loss["eps"])
-    raise ConfigError("audit: the model's metadata names no eps; pass eps explicitly")
-
-
-def audit_run(
-    run_dir: str | Path,
-    *,
-    source: str | Path | None = None,
-    quick: bool = False,
-    n: int | None = None,
-    seed: int = 0,
-    data_dir: str | None = None,
-    progress: ProgressFactory = null_progress,
-    write: bool = True,
-    eps: float | None = None,
-    settings: AuditSettings | None = None,
-) -> dict[str, Any]:
-    """Audit a run directory on its first ``n`` test points (default 200 with ``quick``, else 500).
-
-    The eps is the one the model was trained for unless given. With ``write``, puts
-    ``audit.json``, ``audit.md`` and the plots ``audit_eps.png``, ``audit_steps.png``,
-    ``audit_restarts.png`` and ``audit_surface.png`` into the run directory (atomically).
-    Returns the JSON document (top-level ``verdict``, ``checks``, ``settings``, ...).
-    """
-    from logitpair.checkpoint import load_model
-    from logitpair.evalrun import test_points
-    from logitpair.io import write_json, write_text
-
-    if n is not None and n < 1:
-        raise ConfigError(f"--n: expected >= 1, got {n}")
-    run_dir = Path(run_dir)
-    model = load_model(run_dir)
-    src = load_model(source) if source is not None else None
-    threat = Linf(_run_eps(model, eps))
-    x, y, dataset = test_points(model, n if n is not None else (200 if quick else 500), data_dir)
-    rep = audit(model, x, y, threat=threat, source=src, quick=quick, seed=seed, progress=progress, settings=settings)
-    out: dict[str, Any] = {
-        "run": str(run_dir),
-        "dataset": dataset,
-        "method": model.meta.get("method"),  # for the reader only: the checks never look at it
-        "source": None if source is None else str(source),
-        "n": len(y),
-        "eps": threat.eps,
-        **{k: v for k, v in rep.to_dict().items() if k != "surfaces"},
-    }
-    out = _jsonable(out)
-    if write:
-        from logitpair.audit_report import audit_markdown, plot_audit
-
-        out["plots"] = plot_audit(rep, run_dir)
-        write_json(run_dir / "audit.json", out)
-        write_text(run_dir / "audit.md", audit_markdown(out))
     return out

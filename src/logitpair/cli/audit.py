@@ -2,7 +2,7 @@
 
 ``logitpair audit RUN [--source OTHER_RUN] [--quick] [--n N] [--eps EPS] [--suite NAME]
 [--steps K] [--restarts R] [--step-size A] [--seed S] [--data-dir D] [--json] [--quiet]`` writes ``audit.json``, ``audit.md`` and plots into RUN and prints the Markdown report (or
-the JSON with ``--json``). See :mod:`logitpair.audit` for the checks.
+the JSON with ``--json``). See :mod:`logitpair.audit.checks` for the checks.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ import json
 import os
 from typing import Any
 
-from logitpair.cli import _fraction
+from logitpair.cli.common import fraction
+from logitpair.errors import ConfigError
+from logitpair.progress import make_progress
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from logitpair.audit import AuditSettings, audit_run
-    from logitpair.audit_report import audit_markdown
-    from logitpair.errors import ConfigError
-    from logitpair.progress import make_progress
-    from logitpair.protocol import pgd_spec
-    from logitpair.suites import get_suite
+    from logitpair.audit.report import audit_markdown
+    from logitpair.evaluation import get_suite, pgd_spec
 
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n: expected >= 1, got {args.n}")
@@ -63,7 +62,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--source", help="independently trained run used as the transfer (black-box) source")
     p.add_argument("--quick", action="store_true", help="quick suite and shorter series (default N 200 instead of 500)")
     p.add_argument("--n", type=int, default=None, help="first N test points (default 500, or 200 with --quick)")
-    p.add_argument("--eps", type=_fraction, default=None, help="L-inf radius (default: the training eps)")
+    p.add_argument("--eps", type=fraction, default=None, help="L-inf radius (default: the training eps)")
     p.add_argument(
         "--suite",
         default=None,
@@ -72,10 +71,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=40, help="baseline PGD steps (default 40)")
     p.add_argument("--restarts", type=int, default=2, help="baseline PGD random restarts (default 2)")
-    p.add_argument("--step-size", type=_fraction, default=None, help="baseline PGD step (default 2.5*eps/steps)")
+    p.add_argument("--step-size", type=fraction, default=None, help="baseline PGD step (default 2.5*eps/steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random start (default 0)")
     p.add_argument("--data-dir", help="override the dataset folder")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of Markdown")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_audit)
+    p.set_defaults(func=run)
     return p

@@ -13,7 +13,7 @@ import hashlib
 import inspect
 import json
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,32 +25,11 @@ from torch import Tensor, nn
 from logitpair.attacks import ATTACKS
 from logitpair.attacks.common import predict, random_target
 from logitpair.errors import ConfigError
+from logitpair.evaluation.spec import AttackSpec, pgd_spec
+from logitpair.evaluation.suites import get_suite
 from logitpair.metrics import summarize, topk_correct
 from logitpair.progress import ProgressFactory, null_progress
 from logitpair.threat import Linf
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    """One attack of a protocol: registry name, keyword arguments, display label."""
-
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
-    label: str = ""
-    transfer: bool = False  # craft on the source model, evaluate on the target
-
-    def __post_init__(self) -> None:
-        ATTACKS.get(self.name)
-        if not self.label:
-            object.__setattr__(self, "label", self.name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "label": self.label,
-            "params": dict(self.params),
-            "transfer": self.transfer,
-        }
 
 
 @dataclass
@@ -260,15 +239,6 @@ def _run_batch(
         st["robust5"][sl] = r5
 
 
-def pgd_spec(steps: int = 40, restarts: int = 2, step_size: float | None = None, transfer: bool = False) -> AttackSpec:
-    """The paper-style baseline: PGD-``steps`` with ``restarts`` random starts (per-example worst case)."""
-    params: dict[str, Any] = {"steps": steps, "restarts": restarts}
-    if step_size is not None:
-        params["step_size"] = step_size
-    label = f"PGD-{steps}" + (f"x{restarts}" if restarts > 1 else "") + (" (transfer)" if transfer else "")
-    return AttackSpec("pgd", params, label, transfer)
-
-
 def accuracy_vs_eps(
     model: nn.Module,
     x: Tensor,
@@ -302,7 +272,7 @@ def evaluate(
     """Robust accuracy of any classifier mapping [0, 1] images to logits under an attack suite.
 
     ``suite`` is a preset name (``quick``, ``standard``, ``thorough``, ``pgd40``; see
-    :mod:`logitpair.suites`) or a list of :class:`AttackSpec`. With ``baseline=True`` the
+    :mod:`logitpair.evaluation.suites`) or a list of :class:`AttackSpec`. With ``baseline=True`` the
     paper-style PGD-40 (2 restarts) runs first, so ``broken_by`` also tells how many points
     only the stronger attacks broke. Other keyword arguments go to :func:`run_protocol`.
 
@@ -311,8 +281,6 @@ def evaluate(
         res = logitpair.evaluate(model, x, y, threat=Linf(8 / 255), suite="standard")
         print(res.summary()["robust"])   # {"value": ..., "n": ..., "ci95": [...]}
     """
-    from logitpair.suites import get_suite
-
     attacks = get_suite(suite) if isinstance(suite, str) else list(suite)
     if baseline:
         attacks = [pgd_spec(40, 2), *attacks]

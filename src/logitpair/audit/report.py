@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from logitpair.audit_docs import CHECK_DOCS, TOLERANCE_DOC
-
-if TYPE_CHECKING:
-    from logitpair.audit import AuditReport
+from logitpair.audit.checks import AuditReport
+from logitpair.audit.docs import CHECK_DOCS, TOLERANCE_DOC
 
 
 def plot_audit(rep: AuditReport, out_dir: Path) -> list[str]:

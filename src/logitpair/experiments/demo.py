@@ -20,14 +20,15 @@ from logitpair.audit import AuditSettings, audit_run
 from logitpair.checkpoint import load_model
 from logitpair.config import RunConfig, make_config, merge
 from logitpair.data import load_dataset
-from logitpair.evalrun import EvalOptions, evaluate_run
+from logitpair.environment import environment
+from logitpair.evaluation import AttackSpec, accuracy_vs_eps, pgd_spec, run_protocol
+from logitpair.evaluation.run import EvalOptions, evaluate_run
 from logitpair.io import replace_dir, write_json, write_text
 from logitpair.metrics import summarize
 from logitpair.progress import Logger, ProgressFactory, null_log, null_progress
-from logitpair.protocol import AttackSpec, accuracy_vs_eps, pgd_spec, run_protocol
 from logitpair.report import markdown_table, pct_ci, plot_curves, plot_histograms, plot_image_grid
 from logitpair.threat import Linf
-from logitpair.train import environment, train
+from logitpair.training import train
 
 EPS = 0.1
 CURVE_EPS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3]

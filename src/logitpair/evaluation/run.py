@@ -16,10 +16,12 @@ from torch import nn
 from logitpair.checkpoint import load_model
 from logitpair.data import load_dataset
 from logitpair.errors import ConfigError
+from logitpair.evaluation.protocol import run_protocol
+from logitpair.evaluation.spec import AttackSpec, pgd_spec
+from logitpair.evaluation.suites import get_suite
 from logitpair.io import write_json, write_text
 from logitpair.metrics import summarize
 from logitpair.progress import ProgressFactory, null_progress
-from logitpair.protocol import AttackSpec, pgd_spec, run_protocol
 from logitpair.report import markdown_table, pct_ci
 from logitpair.threat import Linf
 
@@ -71,8 +73,6 @@ def strong_attacks(opts: EvalOptions) -> list[AttackSpec]:
         return list(opts.attacks)
     if opts.suite is None:
         return []
-    from logitpair.suites import get_suite
-
     if opts.targeted and opts.suite in ("quick", "standard", "thorough"):
         return get_suite("targeted")
     return get_suite(opts.suite)

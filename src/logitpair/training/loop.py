@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import platform
-import re
-import shutil
 import time
-from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from logitpair import __version__
+from logitpair._version import __version__
 from logitpair.attacks.common import predict
 from logitpair.attacks.pgd import pgd
 from logitpair.checkpoint import (
@@ -32,20 +28,21 @@ from logitpair.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     optimizer_state,
-    prune,
-    remove_stale,
     restore_optimizer,
     save_checkpoint,
 )
 from logitpair.config import RunConfig, build, to_dict
 from logitpair.data import Splits, load_dataset
-from logitpair.errors import CheckpointError, ConfigError, TrainingDiverged
+from logitpair.errors import TrainingDiverged
 from logitpair.io import write_json, write_text
-from logitpair.methods import METHODS
+from logitpair.methods import METHODS, BatchContext
 from logitpair.models import create_model
 from logitpair.modes import train_mode
 from logitpair.progress import Logger, ProgressFactory, null_log, null_progress
 from logitpair.threat import Linf
+from logitpair.training.ema import ema_model, update_ema
+from logitpair.training.optim import lr_at, make_optimizer
+from logitpair.training.rundir import checked_write, prepare_run_dir
 
 
 @dataclass
@@ -54,63 +51,6 @@ class TrainResult:
     model: nn.Module
     history: list[dict[str, Any]]
     train_seconds: float
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "logitpair": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-    }
-
-
-def make_optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.optimizer == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.RMSprop(
-        params,
-        lr=o.lr,
-        alpha=o.rmsprop_decay,
-        eps=o.rmsprop_eps,
-        momentum=o.momentum,
-        weight_decay=o.weight_decay,
-    )
-
-
-def lr_at(step: int, steps_per_epoch: int, cfg: RunConfig) -> float:
-    o = cfg.optim
-    if o.schedule == "constant":
-        return o.lr
-    if o.schedule == "step":
-        return o.lr * o.step_gamma ** (step // steps_per_epoch // o.step_every)
-    total = steps_per_epoch * o.epochs
-    return o.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-
-def update_ema(ema: dict[str, Tensor], model: nn.Module, decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * weights`` for float tensors; integer buffers copied."""
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                ema[k].mul_(decay).add_(v, alpha=1.0 - decay)
-            else:
-                ema[k].copy_(v)
-
-
-def ema_model(model: nn.Module, ema: dict[str, Tensor] | None) -> nn.Module:
-    """The model itself without EMA, else a copy holding the EMA weights (used for validation and export)."""
-    if ema is None:
-        return model
-    copy = deepcopy(model)
-    copy.load_state_dict(ema)
-    return copy
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
@@ -150,71 +90,6 @@ def validate(model: nn.Module, splits: Splits, cfg: RunConfig) -> dict[str, floa
             correct += int((predict(model, xa).argmax(1) == y[i : i + 500]).sum())
         out["val_pgd"] = correct / n
     return out
-
-
-# what a process killed while writing leaves in a run directory: io.atomic_write's
-# ``.<name>.tmp-<pid>``, export_model's ``.model.safetensors.tmp``, safetensors' ``.tmpXXXXXX``
-_STALE_RE = re.compile(r"^\.(.+\.tmp-\d+|model\.safetensors\.tmp|tmp\w{6})$")
-
-
-def _write(write: Any, path: Path, obj: Any) -> None:
-    """``write(path, obj)``, with an OS error (disk full) as one-line :class:`CheckpointError`."""
-    try:
-        write(path, obj)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def remove_leftovers(out_dir: Path) -> None:
-    """Delete the temporary files of a killed run, and the old checkpoint it had no time to
-    prune (only one process writes a run at a time)."""
-    if out_dir.is_dir():
-        for p in out_dir.iterdir():
-            if _STALE_RE.match(p.name) and p.is_file():
-                p.unlink(missing_ok=True)
-        ckpts = out_dir / "checkpoints"
-        if ckpts.is_dir():
-            remove_stale(ckpts)
-            prune(ckpts)
-
-
-def prepare_run_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool, log: Logger = null_log) -> None:
-    cfg_path = out_dir / "config.json"
-    if resume:
-        if cfg_path.is_file():
-            try:
-                stored = json.loads(cfg_path.read_text())
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"--resume: cannot read {cfg_path} ({exc})") from None
-            new = to_dict(cfg)
-            if stored != new:
-                diff = _first_difference(stored, new)
-                raise ConfigError(f"--resume: the config differs from the one stored in {cfg_path} ({diff})")
-            remove_leftovers(out_dir)
-            if not (out_dir / "env.json").is_file():  # killed right after writing config.json
-                _write(write_json, out_dir / "env.json", environment())
-            return
-        if out_dir.exists() and any(not _STALE_RE.match(p.name) for p in out_dir.iterdir()):
-            raise ConfigError(f"--resume: {out_dir} holds no run (no config.json)")
-        # a run killed before it wrote config.json saved nothing: start it from the beginning
-        remove_leftovers(out_dir)
-        log(f"--resume: nothing saved in {out_dir} yet; starting the run from the beginning")
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            what = "a different run" if cfg_path.is_file() else "files"
-            raise ConfigError(f"--out {out_dir}: directory holds {what}; pass --resume to continue it or --overwrite")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write(write_json, cfg_path, to_dict(cfg))
-    _write(write_json, out_dir / "env.json", environment())
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-    return f"{prefix.rstrip('.')}: stored {a!r}, now {b!r}"
 
 
 def train(
@@ -298,7 +173,8 @@ def train(
                 x, y = train.x[idx], train.y[idx]
                 for group in opt.param_groups:
                     group["lr"] = lr_at(state["step"], steps_per_epoch, cfg)
-                loss, metrics = loss_fn(model, x, y, cfg.loss)
+                ctx = BatchContext(indices=idx, epoch=epoch, step=state["step"])
+                loss, metrics = loss_fn(model, x, y, cfg.loss, ctx)
                 opt.zero_grad(set_to_none=True)
                 finite = bool(torch.isfinite(loss))
                 if finite:
@@ -362,7 +238,7 @@ def train(
             state["best"] = [epoch + 1, record[key]]
             best_weights = {k: v.clone() for k, v in evaluated.state_dict().items()}
         state.update(epoch=epoch + 1, pos=0, acc={})
-        _write(write_text, out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
+        checked_write(write_text, out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
         checkpoint()
 
     model = ema_model(model, ema)
@@ -385,7 +261,7 @@ def train(
     export_model(out_dir, model, meta)
     summary = {"train_seconds": state["train_seconds"], "history": state["history"],
                "steps": state["step"], "skipped_batches": state["skipped"]}  # fmt: skip
-    _write(write_json, out_dir / "train.json", summary)
+    checked_write(write_json, out_dir / "train.json", summary)
     return TrainResult(out_dir, model.eval(), state["history"], state["train_seconds"])
 
 

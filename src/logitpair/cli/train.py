@@ -1,0 +1,82 @@
+"""``logitpair train``: train one model into a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from logitpair.cli.common import fraction, logger, quiet
+from logitpair.config import make_config
+from logitpair.progress import make_progress
+
+# (flag, config path, type, help)
+TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--dataset", "data.dataset", str, "dataset name (see `logitpair list`)"),
+    ("--data-dir", "data.data_dir", str, "folder with the dataset's files (default: its standard location)"),
+    ("--val-size", "data.val_size", int, "validation images held out of the training set (default 5000)"),
+    ("--model", "model", str, "model name (see `logitpair list`)"),
+    ("--method", "method", str, "training method (see `logitpair list`)"),
+    ("--epochs", "optim.epochs", int, "training epochs"),
+    ("--batch-size", "optim.batch_size", int, "minibatch size"),
+    ("--optimizer", "optim.optimizer", str, "sgd, adam or rmsprop"),
+    ("--lr", "optim.lr", fraction, "learning rate"),
+    ("--schedule", "optim.schedule", str, "constant, cosine or step"),
+    ("--weight-decay", "optim.weight_decay", fraction, "L2 weight decay"),
+    ("--eps", "loss.eps", fraction, "L-inf radius for training attacks (e.g. 0.1 or 8/255)"),
+    ("--lam", "loss.lam", fraction, "weight of the pairing / squeezing term"),
+    ("--attack-steps", "loss.attack_steps", int, "PGD steps while training"),
+    ("--attack-step-size", "loss.attack_step_size", fraction, "PGD step size while training"),
+    ("--noise-std", "loss.noise_std", fraction, "Gaussian input noise for clp / lsq"),
+    ("--distance", "loss.distance", str, "logit distance for alp / clp: l2sq, l2, l1, cosine"),
+    ("--label-smoothing", "loss.label_smoothing", fraction, "label smoothing"),
+    ("--seed", "seed", int, "random seed"),
+    ("--checkpoint-every", "checkpoint_every", int, "also checkpoint every N steps"),
+    ("--select", "select", str, "exported weights: last, best-robust or best-clean"),
+    ("--on-nonfinite", "on_nonfinite", str, "stop or skip on a NaN/inf loss"),
+    ("--ema-decay", "ema_decay", fraction, "EMA of the weights for validation and export (0 = off)"),
+]
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for flag, path, _, _ in TRAIN_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from logitpair.training import train
+
+    cfg = make_config(args.config, overrides(args))
+    result = train(
+        cfg,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=make_progress(quiet(args)),
+        log=logger(args),
+    )
+    last = result.history[-1] if result.history else {}
+    print(json.dumps({"run_dir": str(result.run_dir), "train_seconds": round(result.train_seconds, 2), **last}))
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="train one model into a run directory")
+    p.add_argument("--config", help="YAML, TOML or JSON config file (CLI flags override it)")
+    for flag, _, typ, help_ in TRAIN_FLAGS:
+        p.add_argument(flag, type=typ, default=None, help=help_)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
+    p.set_defaults(func=run)
+    return p
