@@ -6,8 +6,11 @@ found them, and returns a tensor inside the threat model's ball and bounds.
 
 from logitpair.attacks.apgd import apgd, apgd_ce, apgd_dlr, apgd_t
 from logitpair.attacks.common import predict, random_target
+from logitpair.attacks.fab import fab, fab_t
 from logitpair.attacks.fgsm import fgsm
+from logitpair.attacks.mifgsm import EnsembleLogits, mi_fgsm
 from logitpair.attacks.noise import random_noise
+from logitpair.attacks.official import OfficialSpec, official_attack, official_threat, parse_official
 from logitpair.attacks.pgd import pgd
 from logitpair.attacks.square import square
 from logitpair.registry import Registry
@@ -20,14 +23,25 @@ ATTACKS.register("apgd-dlr")(apgd_dlr)
 ATTACKS.register("apgd-t")(apgd_t)
 ATTACKS.register("square")(square)
 ATTACKS.register("noise")(random_noise)
+ATTACKS.register("fab-t")(fab_t)
+ATTACKS.register("fab")(fab)
+ATTACKS.register("mi-fgsm")(mi_fgsm)
 
 __all__ = [
     "ATTACKS",
+    "EnsembleLogits",
+    "OfficialSpec",
     "apgd",
     "apgd_ce",
     "apgd_dlr",
     "apgd_t",
+    "fab",
+    "fab_t",
     "fgsm",
+    "mi_fgsm",
+    "official_attack",
+    "official_threat",
+    "parse_official",
     "pgd",
     "predict",
     "random_noise",

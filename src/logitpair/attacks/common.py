@@ -10,7 +10,11 @@ from torch import Tensor, nn
 
 
 def random_target(y: Tensor, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
-    """A uniformly random class different from ``y`` for every example (the paper's pgdrnd)."""
+    """A uniformly random class different from ``y`` for every example.
+
+    Not the official ``pgdrnd``, which draws from all classes (the label included); see
+    :mod:`logitpair.attacks.official`.
+    """
     shift = torch.randint(1, num_classes, y.shape, generator=generator, device=y.device)
     return (y + shift) % num_classes
 

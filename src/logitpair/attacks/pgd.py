@@ -33,7 +33,8 @@ def pgd(
 
     Each step ascends the cross-entropy of the label (untargeted) or descends the
     cross-entropy of ``target`` (targeted; a random class other than the label when
-    ``target`` is None, as in the paper's ``pgdrnd`` ImageNet protocol)::
+    ``target`` is None; the official ``pgdrnd`` instead draws from all classes, see
+    :mod:`logitpair.attacks.official`)::
 
         x <- clip_[0,1](Pi_eps(x + step_size * sign(grad)))
 
