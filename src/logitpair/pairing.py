@@ -8,6 +8,13 @@
 - ``l2``: per-example Euclidean norm ``||a - b||``; reductions ``mean`` or ``sum`` over the batch.
 - ``l1``: absolute difference per element, same reductions as ``l2sq``.
 - ``cosine``: per-example ``1 - cos(a, b)``; reductions ``mean`` or ``sum`` over the batch.
+- ``kl``: per-example ``KL(p_a || p_b) = sum_k p_a,k (log p_a,k - log p_b,k)`` with ``p = softmax``
+  over the classes (the TRADES / VAT divergence, ``a`` the clean logits); reductions ``mean``
+  or ``sum`` over the batch. Not symmetric; invariant to adding a constant to all logits.
+- ``kl_rev``: ``KL(p_b || p_a)``; ``kl_sym``: ``(KL(p_a || p_b) + KL(p_b || p_a)) / 2``.
+
+For the per-example distances (``l2``, ``cosine``, ``kl*``) ``sum_classes`` equals ``mean``.
+Gradients flow through both arguments; detach one to get a fixed target (VAT).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-DISTANCES = ("l2sq", "l2", "l1", "cosine")
+DISTANCES = ("l2sq", "l2", "l1", "cosine", "kl", "kl_rev", "kl_sym")
 REDUCTIONS = ("mean", "sum_classes", "sum")
 
 
@@ -30,8 +37,13 @@ def pair_distance(a: Tensor, b: Tensor, distance: str = "l2sq", reduction: str =
             return elem.sum(1).mean()
         if reduction == "sum":
             return elem.sum()
-    elif distance in ("l2", "cosine"):
-        per = (a - b).norm(dim=1) if distance == "l2" else 1.0 - F.cosine_similarity(a, b, dim=1)
+    elif distance in ("l2", "cosine", "kl", "kl_rev", "kl_sym"):
+        if distance == "l2":
+            per = (a - b).norm(dim=1)
+        elif distance == "cosine":
+            per = 1.0 - F.cosine_similarity(a, b, dim=1)
+        else:
+            per = _kl_per_example(a, b, distance)
         if reduction in ("mean", "sum_classes"):
             return per.mean()
         if reduction == "sum":
@@ -39,3 +51,13 @@ def pair_distance(a: Tensor, b: Tensor, distance: str = "l2sq", reduction: str =
     else:
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
     raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+
+
+def _kl_per_example(a: Tensor, b: Tensor, distance: str) -> Tensor:
+    """``KL(softmax a || softmax b)`` per row (``kl``), reversed (``kl_rev``) or their mean (``kl_sym``)."""
+    log_a, log_b = F.log_softmax(a, dim=1), F.log_softmax(b, dim=1)
+    forward = (log_a.exp() * (log_a - log_b)).sum(1)
+    if distance == "kl":
+        return forward
+    backward = (log_b.exp() * (log_b - log_a)).sum(1)
+    return backward if distance == "kl_rev" else 0.5 * (forward + backward)

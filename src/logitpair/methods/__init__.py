@@ -17,8 +17,9 @@ Per-epoch behaviour (e.g. a catastrophic-overfitting guard) is not the loss's bu
 the training layer owns it, switched on by configuration (see ``logitpair.training``).
 """
 
-from logitpair.methods import clp, mpgd, regular  # noqa: F401  (registration)
+# registration: each module registers its methods in METHODS
+from logitpair.methods import clp, fgsm_rs, kurakin, mixup, mpgd, regular, smoothing, trades, vat  # noqa: F401
 from logitpair.methods.base import METHODS, MethodConfig
 from logitpair.methods.context import DEFAULT_CONTEXT, BatchContext
 
-__all__ = ["METHODS", "BatchContext", "DEFAULT_CONTEXT", "MethodConfig"]
+__all__ = ["DEFAULT_CONTEXT", "METHODS", "BatchContext", "MethodConfig"]

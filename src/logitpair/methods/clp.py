@@ -10,28 +10,37 @@ from torch import Tensor, nn
 
 from logitpair.methods.base import METHODS, MethodConfig, accuracy, add_noise, cross_entropy
 from logitpair.methods.context import BatchContext
-from logitpair.pairing import pair_distance
+from logitpair.methods.features import capture, captured, pair_term
 
 
 @METHODS.register("clp")
-def clp_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext) -> tuple[Tensor, dict[str, Tensor]]:
+def clp_loss(
+    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``CE(f(x~)) + cfg.lam * D(f(x~_i), f(x~_{i+m/2}))`` with ``x~ = clip(x + N(0, noise_std^2))``.
 
     The batch (already shuffled by the loader) is split in two halves and example ``i`` is
     paired with example ``i + m/2`` (an odd last example is left unpaired). ``D`` as in ALP:
     by default the squared difference averaged over pairs and classes. CE: mean over the batch.
+    With ``cfg.pair_layer`` the activations of that layer are paired instead of, or as well as,
+    the logits (``cfg.pair_target``), as for ALP.
     """
     xn = add_noise(x, cfg.noise_std, ctx)
-    logits = model(xn)
+    with capture(ctx.unwrap(model), cfg) as outputs:
+        logits = model(xn)
+    feats = captured(outputs, cfg)
     ce = cross_entropy(logits, y, cfg)
-    half = len(x) // 2
-    pair = pair_distance(logits[:half], logits[half : 2 * half], cfg.distance, cfg.pair_reduction)
+    h = len(x) // 2
+    fa, fb = (None, None) if feats is None else (feats[:h], feats[h : 2 * h])
+    pair, parts = pair_term(logits[:h], logits[h : 2 * h], fa, fb, cfg)
     loss = ce + cfg.lam * pair
-    return loss, {"ce": ce.detach(), "pair": pair.detach(), "acc": accuracy(logits, y)}
+    return loss, {"ce": ce.detach(), "pair": pair.detach(), **parts, "acc": accuracy(logits, y)}
 
 
 @METHODS.register("lsq")
-def lsq_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext) -> tuple[Tensor, dict[str, Tensor]]:
+def lsq_loss(
+    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``CE(f(x~)) + cfg.lam * mean_i ||f(x~_i)||_2`` (unsquared L2 norm of each example's logits,
     averaged over the batch) with ``x~ = clip(x + N(0, noise_std^2))``. CE: mean over the batch."""
     xn = add_noise(x, cfg.noise_std, ctx)

@@ -9,7 +9,9 @@ from logitpair.methods.context import BatchContext
 
 
 @METHODS.register("regular")
-def regular_loss(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext) -> tuple[Tensor, dict[str, Tensor]]:
+def regular_loss(
+    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``CE(f(x), y)``, reduced by ``cfg.ce_reduction`` (default: mean over the batch)."""
     logits = model(x)
     loss = cross_entropy(logits, y, cfg)

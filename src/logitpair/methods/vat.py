@@ -1,0 +1,84 @@
+"""Virtual adversarial training (VAT): Miyato, Maeda, Koyama, Ishii 2018, "Virtual Adversarial
+Training: a Regularization Method for Supervised and Semi-Supervised Learning",
+https://arxiv.org/abs/1704.03976 (TPAMI). A baseline the ALP paper compares with (Section 5).
+
+Loss ``CE(f(x), y) + alpha KL(p(x) || p(x + r_adv))`` with ``p = softmax f``, ``p(x)`` detached
+(a fixed target), the KL summed over classes and averaged over the batch. ``r_adv`` is an
+**L2** perturbation of norm ``cfg.vat_eps`` per example, found by power iteration:
+``d ~ N(0, I)`` normalised (``ctx.normal``), then ``cfg.vat_iters`` times
+``d <- g / ||g||_2`` with ``g = grad_r KL(p(x) || p(x + r))`` at ``r = xi d``;
+``r_adv = eps_vat d``.
+
+Settings (``MethodConfig``): ``vat_alpha`` 1 (the paper's alpha), ``vat_iters`` 1 (one power
+iteration suffices, the paper's default), ``vat_xi`` 1e-6 (Miyato et al.'s code;
+``lyakaap/VAT-pytorch`` uses 10 on unit-norm ``d``), ``vat_eps`` 2.0: the VAT papers' MNIST
+experiments use an L2 radius of about 2 on [0, 1] pixels (784 dimensions; their 8.0 for
+CIFAR-10 is on ZCA-whitened inputs, another scale). For other datasets tune it.
+
+Choices of this implementation:
+
+- ``x + r_adv`` is clipped to [0, 1], so the model only sees valid images; ``||r_adv||_2 =
+  eps_vat`` holds *before* clipping (after it the norm can be smaller). The power iteration's
+  ``x + xi d`` is not clipped (a finite difference, not an input).
+- The power iteration runs on ``ctx.unwrap(model)`` in eval mode with frozen parameters
+  (``attack_context``, as every attack here); the reference code uses train-mode forwards
+  without BatchNorm updates. The final forward of ``x`` and ``x + r_adv`` is one concatenated
+  batch in the trainer's mode, and ``p(x)`` is taken from its clean half.
+- Precision: with ``xi = 1e-6`` in float32 the finite difference is close to rounding level
+  (pixels near 1 hardly move); the direction then carries rounding noise. Raise ``vat_xi`` if
+  that matters; in float64 the iteration is accurate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from logitpair.methods.base import METHODS, MethodConfig, accuracy, cross_entropy
+from logitpair.methods.context import NOISE, BatchContext
+from logitpair.modes import attack_context
+from logitpair.pairing import pair_distance
+
+
+def l2_unit(v: Tensor) -> Tensor:
+    """``v / ||v||_2`` per example (dims 1..); rescaled by its max first so tiny gradients do not
+    underflow; an all-zero example stays zero."""
+    dims = tuple(range(1, v.dim()))
+    tiny = torch.finfo(v.dtype).tiny
+    v = v / v.abs().amax(dim=dims, keepdim=True).clamp_min(tiny)
+    return v / v.pow(2).sum(dim=dims, keepdim=True).sqrt().clamp_min(tiny)
+
+
+def vat_perturbation(model: nn.Module, x: Tensor, cfg: MethodConfig, ctx: BatchContext) -> Tensor:
+    """``r_adv`` (not clipped): per-example L2 norm ``cfg.vat_eps``, shape of ``x``, detached.
+
+    ``model``: the module to run (``ctx.unwrap(model)``), used in eval mode with frozen
+    parameters; its mode and ``requires_grad`` flags are restored.
+    """
+    x = x.detach()
+    d = l2_unit(ctx.normal(x, NOISE))
+    with attack_context(model):
+        with torch.no_grad():
+            target = model(x)
+        for _ in range(cfg.vat_iters):
+            r = (cfg.vat_xi * d).requires_grad_(True)
+            kl = pair_distance(target, model(x + r), "kl", "sum")
+            (grad,) = torch.autograd.grad(kl, r)
+            d = l2_unit(grad)
+    return (cfg.vat_eps * d).detach()
+
+
+@METHODS.register("vat")
+def vat_loss(
+    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``CE(f(x), y) + cfg.vat_alpha * KL(p(x) || p(clip(x + r_adv)))``, ``p(x)`` detached; CE
+    reduced by ``cfg.ce_reduction``, KL summed over classes and averaged over the batch (Miyato et al.
+    2018, https://arxiv.org/abs/1704.03976)."""
+    r_adv = vat_perturbation(ctx.unwrap(model), x, cfg, ctx)
+    logits = model(torch.cat([x, (x + r_adv).clamp(0.0, 1.0)]))
+    clean, adv = logits[: len(x)], logits[len(x) :]
+    ce = cross_entropy(clean, y, cfg)
+    kl = pair_distance(clean.detach(), adv, "kl", "mean")
+    loss = ce + cfg.vat_alpha * kl
+    return loss, {"ce": ce.detach(), "kl": kl.detach(), "acc": accuracy(clean, y), "acc_adv": accuracy(adv, y)}
