@@ -111,7 +111,7 @@ def test_corrupt_data_files(tmp_path, capsys, corrupt, expected):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("loss:\n  epss: 0.1\n", "unknown config key loss.epss; valid keys: attack_random_start"),
+        ("loss:\n  epss: 0.1\n", "unknown config key loss.epss; valid keys: adv_fraction, adv_weight, attack,"),
         ("loss:\n  eps: [0.1]\n", "loss.eps: expected a number, got [0.1]"),
         ("optim:\n  epochs: true\n", "optim.epochs: expected an integer, got True"),
         ("seed: 1.5\n", "seed: expected an integer, got 1.5"),

@@ -25,29 +25,48 @@ class DataConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     val_size: int = 5000
+    image_size: int = 0  # folder datasets (imagenet, tiny-imagenet): side in pixels; 0 = the dataset's default
+    workers: int = 0  # decoding processes for folder datasets (in-memory datasets need none)
+    skip_bad: bool = False  # folder datasets: skip unreadable images (counted in the log) instead of failing
 
     def __post_init__(self) -> None:
         if self.val_size < 0:
             raise ConfigError(f"data.val_size: expected >= 0, got {self.val_size}")
+        if self.image_size < 0:
+            raise ConfigError(f"data.image_size: expected >= 0, got {self.image_size}")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers: expected >= 0, got {self.workers}")
+
+    def options(self) -> dict[str, Any]:
+        """Loader options for ``load_dataset`` (None = the loader's default / not applicable)."""
+        return {"image_size": self.image_size or None, "skip_bad": self.skip_bad or None}
+
+
+OPTIMIZERS = ("sgd", "adam", "rmsprop", "rmsprop-tf")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "adam"  # sgd | adam | rmsprop
+    # sgd | adam | rmsprop (torch.optim.RMSprop) | rmsprop-tf (TensorFlow's RMSProp, the official
+    # ALP optimiser: ms initialised to 1, eps inside the square root; training/optim.py)
+    optimizer: str = "adam"
     lr: float = 1e-3
+    lr_reference_batch: int = 0  # > 0: lr is scaled by batch_size / lr_reference_batch (official: 0.045 per 32)
     momentum: float = 0.9  # SGD momentum / RMSProp momentum
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # L2: adds weight_decay * w to the gradient (= weight_decay/2 * ||w||^2 in the loss)
     rmsprop_decay: float = 0.9
-    rmsprop_eps: float = 1.0  # the official ALP code's RMSProp epsilon
+    rmsprop_eps: float = 1.0  # RMSProp epsilon (the official ALP code uses 1.0 with rmsprop-tf)
     schedule: str = "cosine"  # constant | cosine | step
     step_every: int = 2  # epochs between decays for the step schedule
     step_gamma: float = 0.94
+    warmup_epochs: float = 0.0  # linear warm-up from 0 (ours; the official recipe has none)
     epochs: int = 2
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: split over processes and accumulation steps
+    accum_steps: int = 1  # gradient accumulation: micro-batches per optimisation step and process
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adam", "rmsprop"):
-            raise ConfigError(f"optim.optimizer: expected sgd, adam or rmsprop, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optim.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.schedule not in ("constant", "cosine", "step"):
             raise ConfigError(f"optim.schedule: expected constant, cosine or step, got {self.schedule!r}")
         if not self.lr > 0:
@@ -60,6 +79,12 @@ class OptimConfig:
             raise ConfigError(f"optim.weight_decay: expected >= 0, got {self.weight_decay}")
         if self.step_every < 1:
             raise ConfigError(f"optim.step_every: expected >= 1, got {self.step_every}")
+        if self.accum_steps < 1:
+            raise ConfigError(f"optim.accum_steps: expected >= 1, got {self.accum_steps}")
+        if self.lr_reference_batch < 0:
+            raise ConfigError(f"optim.lr_reference_batch: expected >= 0, got {self.lr_reference_batch}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"optim.warmup_epochs: expected >= 0, got {self.warmup_epochs}")
 
 
 @dataclass(frozen=True)
@@ -73,6 +98,20 @@ class RunConfig:
     select: str = "last"  # which weights the run exports: last | best-robust | best-clean
     on_nonfinite: str = "stop"  # stop | skip (skip the batch and count it)
     ema_decay: float = 0.0  # exponential moving average of the weights (official ALP code: 0.9999); 0 = off
+    ema_schedule: str = "constant"  # constant | tf: decay min(ema_decay, (1 + t) / (10 + t)) as the official code
+    export_weights: str = "ema"  # which weights model.safetensors holds when EMA is on: ema | raw
+    # randomness of the losses: per-sample (keyed by seed, epoch and dataset index, so results do
+    # not depend on the number of processes) | global (torch's global RNG, the pre-0.2 behaviour)
+    noise: str = "per-sample"
+    device: str = "cpu"  # cpu | cuda | cuda:N (under torchrun with cuda: cuda:LOCAL_RANK)
+    amp: str = "none"  # none | bf16: autocast for the training forward only (attacks stay float32)
+    channels_last: bool = False  # NHWC memory format (GPU convolutions)
+    compile: bool = False  # torch.compile the training forward (attacks use the plain module)
+    sync_bn: bool = False  # SyncBatchNorm across processes under torchrun
+    static_models: str = ""  # comma-separated run directories of frozen source models (ens-adv)
+    overfit_guard: float | None = None  # stop when val_pgd drops by more than this many points (None: 20 for FGSM-RS)
+    log_every: int = 50  # steps between progress/metric host synchronisations
+    tensorboard: bool = False  # also write TensorBoard event logs (optional extra `tensorboard`)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: MethodConfig = field(default_factory=MethodConfig)
@@ -97,6 +136,30 @@ class RunConfig:
             raise ConfigError(f"ema_decay: expected 0 <= ema_decay < 1, got {self.ema_decay}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite: expected stop or skip, got {self.on_nonfinite!r}")
+        for key, value, choices in (
+            ("ema_schedule", self.ema_schedule, ("constant", "tf")),
+            ("export_weights", self.export_weights, ("ema", "raw")),
+            ("noise", self.noise, ("per-sample", "global")),
+            ("amp", self.amp, ("none", "bf16")),
+        ):
+            if value not in choices:
+                raise ConfigError(f"{key}: expected {' or '.join(choices)}, got {value!r}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ConfigError(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        if self.overfit_guard is not None and not self.overfit_guard >= 0:
+            raise ConfigError(f"overfit_guard: expected >= 0 (accuracy points), got {self.overfit_guard}")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every: expected >= 1, got {self.log_every}")
+
+    def static_model_dirs(self) -> list[str]:
+        return [p.strip() for p in self.static_models.split(",") if p.strip()]
+
+    def guard_points(self) -> float:
+        """The catastrophic-overfitting guard in accuracy points (0 = off): 20 by default for
+        FGSM-RS training, as Wong et al. 2020."""
+        if self.overfit_guard is not None:
+            return self.overfit_guard
+        return 20.0 if self.method == "fgsm-rs" or self.loss.attack == "fgsm-rs" else 0.0
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

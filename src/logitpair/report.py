@@ -101,3 +101,48 @@ def plot_histograms(path: Path, values: dict[str, Tensor], xlabel: str, title: s
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_heatmaps(
+    path: Path,
+    panels: dict[str, list[list[float | None]]],
+    rows: list[str],
+    cols: list[str],
+    *,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+    outline: list[tuple[int, int]] | None = None,
+) -> None:
+    """One heatmap per panel, side by side: values are fractions, shown in % (0 to 100) and
+    written in each cell; ``outline`` cells (row, column) get a black frame. PNG."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    plt = _plt()
+    w = 1.6 + 0.75 * len(cols)
+    h = 1.6 + 0.5 * len(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(w * len(panels) + 1.0, h), dpi=110, squeeze=False,
+                             layout="constrained")  # fmt: skip
+    image = None
+    for ax, (name, matrix) in zip(axes[0], panels.items(), strict=True):
+        values = np.array([[np.nan if v is None else 100 * v for v in r] for r in matrix], dtype=float)
+        image = ax.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                if np.isfinite(values[i, j]):
+                    color = "black" if values[i, j] > 60 else "white"
+                    ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=8, color=color)
+        for i, j in outline or []:
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
+        ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(name, fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[0]), label="accuracy (%)", shrink=0.9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, format="png")
+    plt.close(fig)

@@ -33,7 +33,10 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("evaluate", help="clean / white-box / black-box accuracy of a run")
     p.add_argument("run", help="run directory or checkpoint")
-    p.add_argument("--source", help="run whose adversarial examples are transferred (black-box)")
+    p.add_argument(
+        "--source", metavar="RUN[,RUN...]",
+        help="run whose adversarial examples are transferred (black-box); several runs: crafted on their ensemble",
+    )  # fmt: skip
     p.add_argument("--n", type=int, default=None, help="first N test points (default: all)")
     p.add_argument("--eps", type=fraction, default=None, help="L-inf radius (default: the training eps)")
     p.add_argument(

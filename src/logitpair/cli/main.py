@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from logitpair._version import __version__
-from logitpair.cli import audit, demo, evaluate, listing, train
+from logitpair.cli import audit, demo, evaluate, listing, train, transfer
 from logitpair.errors import LogitpairError
 
-SUBCOMMANDS = (train, evaluate, audit, demo, listing)
+SUBCOMMANDS = (train, evaluate, audit, demo, listing, transfer)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LogitpairError as exc:
-        print(f"logitpair: error: {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails; rank 0 says why
+            print(f"logitpair: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("logitpair: interrupted", file=sys.stderr)

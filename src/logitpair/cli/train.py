@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from logitpair.cli.common import fraction, logger, quiet
@@ -18,10 +19,13 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, "model name (see `logitpair list`)"),
     ("--method", "method", str, "training method (see `logitpair list`)"),
     ("--epochs", "optim.epochs", int, "training epochs"),
-    ("--batch-size", "optim.batch_size", int, "minibatch size"),
-    ("--optimizer", "optim.optimizer", str, "sgd, adam or rmsprop"),
+    ("--batch-size", "optim.batch_size", int, "global minibatch size (split over processes and accumulation steps)"),
+    ("--accum-steps", "optim.accum_steps", int, "gradient accumulation: micro-batches per step and process"),
+    ("--optimizer", "optim.optimizer", str, "sgd, adam, rmsprop (torch's) or rmsprop-tf (the official ALP optimiser)"),
     ("--lr", "optim.lr", fraction, "learning rate"),
+    ("--lr-reference-batch", "optim.lr_reference_batch", int, "scale lr by batch-size / this (official: 0.045 per 32)"),
     ("--schedule", "optim.schedule", str, "constant, cosine or step"),
+    ("--warmup-epochs", "optim.warmup_epochs", fraction, "linear learning-rate warm-up (ours)"),
     ("--weight-decay", "optim.weight_decay", fraction, "L2 weight decay"),
     ("--eps", "loss.eps", fraction, "L-inf radius for training attacks (e.g. 0.1 or 8/255)"),
     ("--lam", "loss.lam", fraction, "weight of the pairing / squeezing term"),
@@ -29,7 +33,36 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--attack-step-size", "loss.attack_step_size", fraction, "PGD step size while training"),
     ("--noise-std", "loss.noise_std", fraction, "Gaussian input noise for clp / lsq"),
     ("--distance", "loss.distance", str, "logit distance for alp / clp: l2sq, l2, l1, cosine"),
-    ("--label-smoothing", "loss.label_smoothing", fraction, "label smoothing"),
+    ("--label-smoothing", "loss.label_smoothing", fraction, "label smoothing of the cross-entropy"),
+    ("--adv-fraction", "loss.adv_fraction", fraction, "mpgd / alp: share of adversarial examples (1 = Madry)"),
+    (
+        "--train-attack",
+        "loss.attack",
+        str,
+        "mpgd / alp training attack: pgd, fgsm-rs or pgd|pgdll|pgdrnd_EPS_STEP_NITER",
+    ),
+    ("--beta", "loss.beta", fraction, "trades: weight of the KL term"),
+    ("--smoothing", "loss.smoothing", fraction, "ls: label-smoothing delta"),
+    ("--mixup-alpha", "loss.mixup_alpha", fraction, "mixup: Beta(alpha, alpha)"),
+    ("--vat-eps", "loss.vat_eps", fraction, "vat: L2 radius of the virtual adversarial perturbation"),
+    ("--pair-layer", "loss.pair_layer", str, "alp / clp: pair this layer's activations (feature pairing)"),
+    ("--pair-target", "loss.pair_target", str, "alp / clp: logits, features or both"),
+    ("--static-models", "static_models", str, "ens-adv: comma-separated run directories of frozen source models"),
+    ("--overfit-guard", "overfit_guard", fraction, "stop when val PGD accuracy drops by more than this (points)"),
+    ("--noise", "noise", str, "randomness of the losses: per-sample (default) or global"),
+    ("--device", "device", str, "cpu, cuda or cuda:N"),
+    ("--amp", "amp", str, "none or bf16 (training forward only; attacks stay float32)"),
+    ("--channels-last", "channels_last", bool, "NHWC memory format"),
+    ("--compile", "compile", bool, "torch.compile the training forward"),
+    ("--sync-bn", "sync_bn", bool, "SyncBatchNorm across processes (CUDA)"),
+    ("--ema-schedule", "ema_schedule", str, "constant or tf (min(decay, (1+t)/(10+t)))"),
+    ("--export-weights", "export_weights", str, "with EMA: ema (default) or raw weights in model.safetensors"),
+    ("--workers", "data.workers", int, "decoding processes for image-folder datasets"),
+    ("--image-size", "data.image_size", int, "image-folder datasets: side in pixels (0 = default)"),
+    ("--skip-bad", "data.skip_bad", bool, "image-folder datasets: skip unreadable images"),
+    ("--tensorboard", "tensorboard", bool, "also write TensorBoard event logs"),
+    ("--log-every", "log_every", int, "steps between progress updates (host syncs)"),
+    ("--val-points", "val_points", int, "validation points attacked with PGD each epoch (0 = none)"),
     ("--seed", "seed", int, "random seed"),
     ("--checkpoint-every", "checkpoint_every", int, "also checkpoint every N steps"),
     ("--select", "select", str, "exported weights: last, best-robust or best-clean"),
@@ -64,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         progress=make_progress(quiet(args)),
         log=logger(args),
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     last = result.history[-1] if result.history else {}
     print(json.dumps({"run_dir": str(result.run_dir), "train_seconds": round(result.train_seconds, 2), **last}))
     return 0
@@ -73,9 +108,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="train one model into a run directory")
     p.add_argument("--config", help="YAML, TOML or JSON config file (CLI flags override it)")
     for flag, _, typ, help_ in TRAIN_FLAGS:
-        p.add_argument(flag, type=typ, default=None, help=help_)
+        if typ is bool:
+            p.add_argument(flag, action="store_const", const=True, default=None, help=help_)
+        else:
+            p.add_argument(flag, type=typ, default=None, help=help_)
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint if there is one, else start it (torchrun restarts)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
     p.set_defaults(func=run)

@@ -5,14 +5,18 @@ Writes ``evaluation.json`` and ``evaluation.md`` into the run directory (atomica
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from logitpair.attacks import EnsembleLogits
 from logitpair.checkpoint import load_model
 from logitpair.data import load_dataset
 from logitpair.errors import ConfigError
@@ -68,6 +72,37 @@ def test_points(model: nn.Module, n: int | None, data_dir: str | None):
     return test.x[:k], test.y[:k], dataset
 
 
+def source_runs(source: str | Path | Sequence[str | Path]) -> list[str]:
+    """The runs named by a transfer source: a path, a comma-separated ``RUN,RUN`` string, or a sequence."""
+    if isinstance(source, Path) or (isinstance(source, str) and Path(source).exists()):
+        parts = [str(source)]
+    elif isinstance(source, str):
+        parts = [p.strip() for p in source.split(",")]
+    else:
+        parts = [str(p).strip() for p in source]
+    if not parts or not all(parts):
+        raise ConfigError(f"--source: expected RUN or RUN,RUN,..., got {source!r}")
+    return parts
+
+
+def load_source(source: str | Path | Sequence[str | Path]) -> nn.Module:
+    """A transfer source model: one run, or several runs attacked as one ensemble
+    (:class:`~logitpair.attacks.EnsembleLogits`, the mean of their logits)."""
+    models = [load_model(p) for p in source_runs(source)]
+    return models[0] if len(models) == 1 else EnsembleLogits(models)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's class, parameter names, shapes, dtypes and bytes (an ensemble's weights too)."""
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(repr(getattr(model, "weights", None)).encode())
+    return h.hexdigest()
+
+
 def strong_attacks(opts: EvalOptions) -> list[AttackSpec]:
     if opts.attacks:
         return list(opts.attacks)
@@ -92,6 +127,7 @@ def evaluate_run(
     are saved in ``RUN/eval-state/`` after every batch."""
     run_dir = Path(run_dir)
     model = load_model(run_dir)
+    src = load_source(source) if source is not None else None  # before any work: a bad source fails fast
     eps = opts.eps if opts.eps is not None else float(model.meta.get("eps", 0.1))
     threat = Linf(eps)
     x, y, dataset = test_points(model, opts.n, opts.data_dir)
@@ -125,14 +161,17 @@ def evaluate_run(
         "pgd": {**summarize(survived_baseline), "attack": baseline.to_dict()},
         "white_box": summary,
     }
-    if source is not None:
-        src = load_model(source)
+    if src is not None:
+        runs = source_runs(source)
+        # the state file is keyed by the source's weights: the protocol's fingerprint covers the target only
+        bb_state = state_dir / f"black-box-{weights_digest(src)[:16]}.safetensors" if state_dir else None
         bb = run_protocol(
             model, x, y, [pgd_spec(opts.steps, opts.restarts, opts.step_size, transfer=True)], source=src,
-            progress=progress, desc="black-box",
-            state_path=state_dir / "black-box.safetensors" if state_dir else None, **common,
+            progress=progress, desc="black-box", state_path=bb_state, **common,
         )  # fmt: skip
-        out["black_box"] = {**bb.summary(), "source": str(source)}
+        out["black_box"] = {**bb.summary(), "source": ",".join(runs)}
+        if len(runs) > 1:
+            out["black_box"]["ensemble"] = runs
     out["seconds"] = time.perf_counter() - t0
     if opts.save_adversarial:
         from safetensors.torch import save_file
@@ -165,13 +204,9 @@ def evaluation_markdown(ev: dict[str, Any]) -> str:
     if "target_success" in wb:
         rows.append(["targeted attack success rate", pct_ci(wb["target_success"]), n])
     if "black_box" in ev:
-        rows.append(
-            [
-                f"black-box: PGD transferred from {ev['black_box']['source']}",
-                pct_ci(ev["black_box"]["robust"]),
-                n,
-            ]
-        )
+        bb = ev["black_box"]
+        src = f"the ensemble (mean logits) of {', '.join(bb['ensemble'])}" if bb.get("ensemble") else bb["source"]
+        rows.append([f"black-box: PGD transferred from {src}", pct_ci(bb["robust"]), n])
     text = f"# Evaluation of `{ev['run']}`\n\n"
     text += f"Dataset {ev['dataset']}, method {ev['method']}, L∞ ε = {ev['eps']:g}, first {ev['n']} test points, seed {wb['seed']}"
     text += f", suite `{ev['suite']}`.\n\n" if ev.get("suite") else ".\n\n"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from logitpair.attacks.official import parse_official
 from logitpair.errors import ConfigError
 from logitpair.methods.context import NOISE, START, BatchContext
 from logitpair.pairing import DISTANCES, REDUCTIONS
@@ -89,8 +90,11 @@ class MethodConfig:
             raise ConfigError(f"label_smoothing: expected 0 <= value < 1, got {self.label_smoothing}")
         if not 0 < self.adv_fraction <= 1:
             raise ConfigError(f"adv_fraction: expected 0 < value <= 1, got {self.adv_fraction}")
-        if self.attack not in TRAINING_ATTACKS:
-            raise ConfigError(f"attack: expected one of {', '.join(TRAINING_ATTACKS)}, got {self.attack!r}")
+        if self.attack not in TRAINING_ATTACKS and parse_official(self.attack) is None:
+            raise ConfigError(
+                f"attack: expected one of {', '.join(TRAINING_ATTACKS)} or the official notation "
+                f"pgd|pgdll|pgdrnd_EPS_STEP_NITER (e.g. pgdll_16_2_10), got {self.attack!r}"
+            )
         if not self.fgsm_rs_alpha_ratio > 0:
             raise ConfigError(f"fgsm_rs_alpha_ratio: expected > 0, got {self.fgsm_rs_alpha_ratio}")
         if self.pair_target not in PAIR_TARGETS:

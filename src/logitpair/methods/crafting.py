@@ -7,6 +7,9 @@
   last iterate (the official ALP ``train.py``).
 - ``"fgsm-rs"``: Wong, Rice, Kolter 2020, "Fast is better than free"
   (https://arxiv.org/abs/2001.03994): :func:`fgsm_rs`.
+- the official ALP notation ``pgd|pgdll|pgdrnd_EPS_STEP_NITER`` (e.g. ``pgdll_16_2_10``, with
+  which the official models were trained): :func:`~logitpair.attacks.official.official_attack`;
+  eps and step come from the spec (0-255 units), ``cfg.eps``/``attack_steps`` are not used.
 
 Every attack runs on ``ctx.unwrap(model)`` in eval mode with frozen parameters (the attack
 functions enter :func:`~logitpair.modes.attack_context` themselves) and returns detached
@@ -19,6 +22,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from logitpair.attacks.common import input_grad
+from logitpair.attacks.official import official_attack, official_threat, parse_official
 from logitpair.attacks.pgd import pgd
 from logitpair.methods.base import MethodConfig, random_start
 from logitpair.methods.context import START, BatchContext
@@ -43,6 +47,13 @@ def craft(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchC
         )
     if cfg.attack == "fgsm-rs":
         return craft_fgsm_rs(model, x, y, cfg, ctx)
+    spec = parse_official(cfg.attack)
+    if spec is not None:
+        threat = official_threat(spec)
+        init = None
+        if ctx.keyed:
+            init = threat.project(x, x + (2.0 * ctx.uniform(x, START) - 1.0) * threat.eps)
+        return official_attack(ctx.unwrap(model), x, y, spec=spec, generator=ctx.generator, init=init)
     raise ValueError(f"unknown training attack {cfg.attack!r}")  # MethodConfig validates the name
 
 

@@ -25,3 +25,10 @@ def ema_model(model: nn.Module, ema: dict[str, Tensor] | None) -> nn.Module:
     copy = deepcopy(model)
     copy.load_state_dict(ema)
     return copy
+
+
+def ema_decay_at(decay: float, schedule: str, t: int) -> float:
+    """The EMA decay after ``t`` updates: constant, or the official code's
+    ``min(decay, (1 + t) / (10 + t))`` (``schedule="tf"``, as ``tf.train.ExponentialMovingAverage``
+    with ``num_updates``), which lets early weights be forgotten quickly."""
+    return min(decay, (1.0 + t) / (10.0 + t)) if schedule == "tf" else decay
