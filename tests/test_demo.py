@@ -40,3 +40,21 @@ def test_demo_writes_results_and_replaces_atomically(tmp_path, data_dir):
     run_demo(opts)  # rerunning replaces the old demo
     assert (out / "results.json").is_file() and (out / "results.json").read_text() != "" and first
     assert [p.name for p in out.parent.iterdir()] == ["demo"], "no temporary directories left behind"
+
+
+def test_all_methods_configs_and_dependency_order():
+    from logitpair.experiments.demo import HELPERS, STATIC_FOR_ENS, _Pool, demo_configs
+    from logitpair.methods import METHODS
+
+    cfgs = demo_configs(DemoOptions(methods="all"))
+    trained = {c.method for c in cfgs.values()}
+    assert trained == set(METHODS.names()), "--methods all trains every registered method"
+    assert set(HELPERS) <= set(cfgs) and set(STATIC_FOR_ENS) <= set(cfgs)
+    order: list[str] = []
+    jobs = {
+        "a": (1.0, (), order.append, ("a",)),
+        "b": (5.0, ("a",), order.append, ("b",)),
+        "c": (3.0, (), order.append, ("c",)),
+    }
+    _Pool(1).run(jobs, lambda _: None)
+    assert order == ["c", "a", "b"], "longest ready job first, dependencies respected"

@@ -8,9 +8,11 @@ at the end, so an earlier demo stays intact until the new one is complete.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from logitpair.checkpoint import load_model
 from logitpair.config import RunConfig, make_config, merge
 from logitpair.data import load_dataset
 from logitpair.environment import environment
+from logitpair.errors import ConfigError
 from logitpair.evaluation import AttackSpec, accuracy_vs_eps, pgd_spec, run_protocol
 from logitpair.evaluation.run import EvalOptions, evaluate_run
 from logitpair.io import replace_dir, write_json, write_text
@@ -44,6 +47,24 @@ DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("mpgd-source", {"method": "mpgd", "seed": 1, "optim": {"epochs": 1}}),
 ]
 SOURCE = "mpgd-source"
+# `--methods all`: the comparison methods, trained and evaluated the same way. ens-adv crafts
+# on two static undefended models (regular and regular-b; Tramer et al. 2018), never on the
+# black-box source, so its black-box column stays a real transfer.
+EXTRA_RUNS: list[tuple[str, dict[str, Any]]] = [
+    ("madry", {"method": "mpgd", "loss": {"adv_fraction": 1.0}, "optim": {"epochs": 2}}),
+    ("alp-100", {"method": "alp", "loss": {"lam": 0.5, "adv_fraction": 1.0}, "optim": {"epochs": 2}}),
+    ("alp-kl", {"method": "alp", "loss": {"lam": 0.5, "distance": "kl"}, "optim": {"epochs": 2}}),
+    ("trades", {"method": "trades", "loss": {"beta": 1.0}, "optim": {"epochs": 2}}),
+    ("fgsm-rs", {"method": "fgsm-rs", "optim": {"epochs": 2}}),
+    ("kurakin", {"method": "kurakin", "optim": {"epochs": 2}}),
+    ("ens-adv", {"method": "ens-adv", "optim": {"epochs": 2}}),
+    ("vat", {"method": "vat", "optim": {"epochs": 2}}),
+    ("ls", {"method": "ls", "optim": {"epochs": 2}}),
+    ("mixup", {"method": "mixup", "optim": {"epochs": 2}}),
+    ("regular-b", {"method": "regular", "seed": 2, "optim": {"epochs": 1}}),
+]
+STATIC_FOR_ENS = ("regular", "regular-b")
+HELPERS = (SOURCE, "regular-b")  # trained for the others, not rows of the table
 
 # the quick audit with shorter series, sized to fit the demo's time budget
 DEMO_AUDIT = AuditSettings(
@@ -68,16 +89,21 @@ class DemoOptions:
     seed: int = 0
     val_size: int = 5000
     epochs: int | None = None  # override every run's epochs (tests)
-    attacks: tuple[AttackSpec, ...] = ()  # replaces the quick suite (tests use a tiny one)
+    attacks: tuple[AttackSpec, ...] = ()  # replaces the demo's suite (tests use a tiny one)
     audit_points: int = 100
     audit: AuditSettings | None = None  # default DEMO_AUDIT
+    methods: str = "default"  # default: the paper's five; all: plus the comparison methods
+    workers: int = 1  # independent runs side by side in this many processes (the CLI uses 2)
 
 
 def demo_configs(opts: DemoOptions) -> dict[str, RunConfig]:
+    if opts.methods not in ("default", "all"):
+        raise ConfigError(f"--methods: expected default or all, got {opts.methods!r}")
     base: dict[str, Any] = {"model": "lenet5", "loss": {"eps": EPS}, "val_points": 500}
     base["data"] = {"data_dir": opts.data_dir, "val_size": opts.val_size}
+    runs = DEMO_RUNS + (EXTRA_RUNS if opts.methods == "all" else [])
     out = {}
-    for name, over in DEMO_RUNS:
+    for name, over in runs:
         cfg = make_config(overrides=merge(base, over))
         if opts.epochs is not None:
             cfg = replace(cfg, optim=replace(cfg.optim, epochs=opts.epochs))
@@ -108,54 +134,132 @@ def _subsample(splits, scale: float):
     return replace(splits, train=splits.train.subset(slice(0, k)))
 
 
+def _cost(cfg: RunConfig) -> float:
+    """Rough relative training cost, for scheduling the longest runs first."""
+    per_step = {"mpgd": cfg.loss.attack_steps + 1, "alp": cfg.loss.attack_steps + 1,
+                "trades": cfg.loss.attack_steps + 1, "vat": 3}.get(cfg.method, 2 if cfg.method in
+                ("kurakin", "ens-adv", "fgsm-rs") else 1)  # fmt: skip
+    return per_step * cfg.optim.epochs
+
+
+class _Pool:
+    """Jobs with dependencies, run in ``workers`` processes (or in this one), longest first."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.executor: ProcessPoolExecutor | None = None
+        if workers > 1:
+            threads = max(1, (os.cpu_count() or workers) // workers)
+            ctx = multiprocessing.get_context("spawn")
+            self.executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+
+    def run(self, jobs: dict[str, tuple[float, tuple[str, ...], Any, tuple]], log: Logger) -> dict[str, Any]:
+        """``jobs``: name -> (cost, dependencies, function, args); returns name -> result."""
+        done: dict[str, Any] = {}
+        if self.executor is None:
+            while len(done) < len(jobs):
+                ready = [n for n, (_, deps, _, _) in jobs.items() if n not in done and all(d in done for d in deps)]
+                name = max(ready, key=lambda n: jobs[n][0])
+                done[name] = jobs[name][2](*jobs[name][3])
+            return done
+        running: dict[Any, str] = {}
+        while len(done) < len(jobs):
+            ready = sorted(
+                (n for n, (_, deps, _, _) in jobs.items()
+                 if n not in done and n not in running.values() and all(d in done for d in deps)),
+                key=lambda n: -jobs[n][0],
+            )  # fmt: skip
+            for name in ready:
+                running[self.executor.submit(jobs[name][2], *jobs[name][3])] = name
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                name = running.pop(fut)
+                done[name] = fut.result()
+                log(f"[demo] {name} done")
+        return done
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _train_job(cfg: RunConfig, run_dir: Path, opts: DemoOptions) -> float:
+    splits = _subsample(load_dataset("fashion-mnist", opts.data_dir, opts.val_size, 0), opts.scale)
+    return train(cfg, run_dir, splits=splits).train_seconds
+
+
+def _evaluate_job(
+    name: str, run_dir: Path, source_dir: Path, opts: DemoOptions, x_transfer: Any, n: int
+) -> dict[str, Any]:
+    """Everything the table and the plots need about one trained model."""
+    splits = load_dataset("fashion-mnist", opts.data_dir, opts.val_size, 0)
+    x, y = splits.test.x[:n], splits.test.y[:n]
+    eval_opts = EvalOptions(n=n, eps=EPS, data_dir=opts.data_dir, suite="quick", attacks=opts.attacks, seed=opts.seed)
+    ev = evaluate_run(run_dir, eval_opts)
+    model = load_model(run_dir)
+    clean_ok = predict(model, x).argmax(1) == y
+    black = clean_ok & (predict(model, x_transfer).argmax(1) == y)
+    ev["black_box"] = {**summarize(black), "attack": "PGD-40x2 on the source"}
+    curve = accuracy_vs_eps(model, x[:CURVE_POINTS], y[:CURVE_POINTS], CURVE_EPS, steps=20)
+    grid = run_protocol(model, x[:8], y[:8], [pgd_spec(40, 1)], threat=Linf(EPS), keep_adversarial=True)
+    aud = audit_run(
+        run_dir, source=source_dir, n=min(n, opts.audit_points), data_dir=opts.data_dir, eps=EPS,
+        settings=opts.audit or DEMO_AUDIT,
+    )  # fmt: skip
+    return {"ev": ev, "curve": curve, "grid": (x[:8], grid.adversarial), "norms": predict(model, x).norm(dim=1),
+            "audit": aud}  # fmt: skip
+
+
 def _run(opts: DemoOptions, tmp: Path, final: Path, progress: ProgressFactory, log: Logger) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfgs = demo_configs(opts)
-    splits = load_dataset("fashion-mnist", opts.data_dir, opts.val_size, 0)
-    train_splits = _subsample(splits, opts.scale)
-    train_seconds: dict[str, float] = {}
-    for name, cfg in cfgs.items():
-        log(f"[demo] training {name} ({cfg.method}, {cfg.optim.epochs} epochs)")
-        res = train(cfg, tmp / name, splits=train_splits, progress=progress, log=log)
-        train_seconds[name] = res.train_seconds
+    pool = _Pool(max(1, opts.workers))
+    try:
+        jobs = {}
+        for name, cfg in cfgs.items():
+            deps = STATIC_FOR_ENS if cfg.method == "ens-adv" else ()
+            if deps:  # the static models are read from the temporary directory while it is built
+                cfg = replace(cfg, static_models=",".join(str(tmp / s) for s in STATIC_FOR_ENS))
+                cfgs[name] = cfg
+            jobs[name] = (_cost(cfg), deps, _train_job, (cfg, tmp / name, opts))
+        log(f"[demo] training {len(jobs)} models ({', '.join(cfgs)}) in {pool.workers} process(es)")
+        train_seconds = pool.run(jobs, log)
 
-    n = min(opts.n, len(splits.test))
-    x, y = splits.test.x[:n], splits.test.y[:n]
-    # black box: PGD-40 x2 examples crafted once on the source, then shown to every model
-    log(f"[demo] crafting transfer examples on {SOURCE}")
-    source = load_model(tmp / SOURCE)
-    x_transfer = run_protocol(
-        source, x, y, [pgd_spec(40, 2)], threat=Linf(EPS), seed=opts.seed + 99, keep_adversarial=True,
-        progress=progress, desc="transfer",
-    ).adversarial  # fmt: skip
-    eval_opts = EvalOptions(n=n, eps=EPS, data_dir=opts.data_dir, suite="quick", attacks=opts.attacks, seed=opts.seed)
-    rows, curves, grids, norms = [], {}, {}, {}
-    methods = [name for name in cfgs if name != SOURCE]
-    for name in methods:
-        log(f"[demo] evaluating {name}: clean, PGD-40, quick suite, transfer")
-        ev = evaluate_run(tmp / name, eval_opts, progress=progress)
-        model = load_model(tmp / name)
-        clean_ok = predict(model, x).argmax(1) == y
-        black = clean_ok & (predict(model, x_transfer).argmax(1) == y)
-        ev["black_box"] = {
-            **summarize(black),
-            "source": str(final / SOURCE),
-            "attack": "PGD-40x2 on the source",
-        }
-        curves[name] = accuracy_vs_eps(
-            model, x[:CURVE_POINTS], y[:CURVE_POINTS], CURVE_EPS, steps=20, progress=progress
+        splits = load_dataset("fashion-mnist", opts.data_dir, opts.val_size, 0)
+        n = min(opts.n, len(splits.test))
+        x, y = splits.test.x[:n], splits.test.y[:n]
+        # black box: PGD-40 x2 examples crafted once on the source, then shown to every model
+        log(f"[demo] crafting transfer examples on {SOURCE}")
+        source = load_model(tmp / SOURCE)
+        x_transfer = run_protocol(
+            source, x, y, [pgd_spec(40, 2)], threat=Linf(EPS), seed=opts.seed + 99, keep_adversarial=True,
+            progress=progress, desc="transfer",
+        ).adversarial  # fmt: skip
+        methods = [name for name in cfgs if name not in HELPERS]
+        log(f"[demo] evaluating {len(methods)} models: clean, PGD-40, quick suite, transfer, ε curve, quick audit")
+        evals = pool.run(
+            {m: (_cost(cfgs[m]), (), _evaluate_job, (m, tmp / m, tmp / SOURCE, opts, x_transfer, n)) for m in methods},
+            log,
         )
-        grid = run_protocol(model, x[:8], y[:8], [pgd_spec(40, 1)], threat=Linf(EPS), keep_adversarial=True)
-        grids[name] = (x[:8], grid.adversarial)
-        norms[name] = predict(model, x).norm(dim=1)
-        log(f"[demo] quick gradient-masking audit of {name}")
-        aud = audit_run(
-            tmp / name, source=tmp / SOURCE, n=min(n, opts.audit_points), data_dir=opts.data_dir, eps=EPS,
-            settings=opts.audit or DEMO_AUDIT, progress=progress,
-        )  # fmt: skip
+    finally:
+        pool.close()
+
+    rows, curves, grids, norms = [], {}, {}, {}
+    for name in methods:
+        e = evals[name]
+        ev, aud = e["ev"], e["audit"]
+        ev["black_box"]["source"] = str(final / SOURCE)
+        curves[name], grids[name], norms[name] = e["curve"], e["grid"], e["norms"]
         rows.append(
             {
                 "method": name,
+                "training_method": cfgs[name].method,
                 "clean": ev["clean"]["value"],
                 "white_box": ev["pgd"]["value"],
                 "strong": ev["white_box"]["robust"]["value"],
@@ -193,11 +297,13 @@ def _run(opts: DemoOptions, tmp: Path, final: Path, progress: ProgressFactory, l
         "strong_attack": "worst case of PGD-40x2 and the quick suite (APGD-CE 100, APGD-T 3 targets, Square 1000)",
         "black_box_attack": f"PGD-40 x2 crafted on the independently seeded M-PGD model ({SOURCE})",
         "source_train_seconds": round(train_seconds[SOURCE], 2),
+        "methods": opts.methods,
+        "workers": pool.workers,
         "rows": rows,
         "curves": curves,
         "environment": environment(),
         "seconds": round(time.perf_counter() - t_start, 1),
-        "command": "logitpair demo",
+        "command": "logitpair demo" + (" --methods all" if opts.methods == "all" else ""),
     }
     write_json(tmp / "results.json", results)
     write_text(tmp / "report.md", demo_markdown(results, cfgs))
