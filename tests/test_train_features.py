@@ -107,3 +107,21 @@ def test_official_recipe_runs_through_the_loop(tmp_path, data_dir):
     assert meta["weights"] == "ema"
     assert res.history[0]["lr"] == pytest.approx(0.045 * 100 / 32)
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
+def test_bf16_training_keeps_attacks_in_float32(tmp_path, data_dir, monkeypatch):
+    """--amp bf16: the training forward runs under autocast, the attack inside the loss does not."""
+    from logitpair.attacks import common
+
+    dtypes: list[torch.dtype] = []
+    orig = common.loss_grad
+
+    def spy(model, x, loss_fn):
+        loss, logits, grad = orig(model, x, loss_fn)
+        dtypes.append(logits.dtype)
+        return loss, logits, grad
+
+    monkeypatch.setattr(common, "loss_grad", spy)
+    res = train(cfg_for(data_dir, method="alp", amp="bf16", optim={"epochs": 1}), tmp_path / "run")
+    assert dtypes and set(dtypes) == {torch.float32}
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())

@@ -105,6 +105,7 @@ class RunConfig:
     noise: str = "per-sample"
     device: str = "cpu"  # cpu | cuda | cuda:N (under torchrun with cuda: cuda:LOCAL_RANK)
     amp: str = "none"  # none | bf16: autocast for the training forward only (attacks stay float32)
+    amp_attacks: bool = False  # opt in: training attacks under the same autocast (faster, weaker gradients)
     channels_last: bool = False  # NHWC memory format (GPU convolutions)
     compile: bool = False  # torch.compile the training forward (attacks use the plain module)
     sync_bn: bool = False  # SyncBatchNorm across processes under torchrun

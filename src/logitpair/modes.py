@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 
 from torch import nn
 
@@ -46,14 +47,27 @@ def frozen_params(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
+# Attacks run in float32 even inside a bf16 autocast region (mixed-precision training) unless
+# this is set (``RunConfig.amp_attacks``): low-precision input gradients weaken attacks.
+ATTACK_AUTOCAST: ContextVar[bool] = ContextVar("attack_autocast", default=False)
+
+
 @contextmanager
 def attack_context(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode + frozen parameters + autograd enabled: the state every attack runs in.
+    """Eval mode + frozen parameters + autograd enabled + float32: the state every attack runs in.
 
     BatchNorm therefore uses running statistics while adversarial examples are crafted,
-    as in the official ALP code (``train.py`` builds the attack graph in eval mode).
+    as in the official ALP code (``train.py`` builds the attack graph in eval mode). An
+    enclosing autocast is switched off unless :data:`ATTACK_AUTOCAST` is set.
     """
     import torch
 
-    with torch.enable_grad(), eval_mode(model), frozen_params(model):
+    keep = ATTACK_AUTOCAST.get()
+    with (
+        torch.enable_grad(),
+        eval_mode(model),
+        frozen_params(model),
+        torch.autocast("cpu", enabled=keep and torch.is_autocast_cpu_enabled()),
+        torch.autocast("cuda", enabled=keep and torch.is_autocast_enabled()),
+    ):
         yield model

@@ -52,6 +52,7 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--noise", "noise", str, "randomness of the losses: per-sample (default) or global"),
     ("--device", "device", str, "cpu, cuda or cuda:N"),
     ("--amp", "amp", str, "none or bf16 (training forward only; attacks stay float32)"),
+    ("--amp-attacks", "amp_attacks", bool, "also run the training attacks under --amp (weaker gradients)"),
     ("--channels-last", "channels_last", bool, "NHWC memory format"),
     ("--compile", "compile", bool, "torch.compile the training forward"),
     ("--sync-bn", "sync_bn", bool, "SyncBatchNorm across processes (CUDA)"),

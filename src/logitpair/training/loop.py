@@ -57,7 +57,7 @@ from logitpair.errors import ConfigError, LogitpairError, TrainingDiverged
 from logitpair.io import sha256_file, write_json, write_text
 from logitpair.methods import METHODS, BatchContext
 from logitpair.models import create_model
-from logitpair.modes import train_mode
+from logitpair.modes import ATTACK_AUTOCAST, train_mode
 from logitpair.progress import Logger, ProgressFactory, null_log, null_progress
 from logitpair.threat import Linf
 from logitpair.training import distributed as D
@@ -284,6 +284,7 @@ def _train(
     autocast = (
         (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if cfg.amp == "bf16" else nullcontext
     )
+    ATTACK_AUTOCAST.set(cfg.amp_attacks)
     writer = _tensorboard(cfg, out_dir) if world.is_main else None
 
     def reduced_acc() -> dict[str, float]:
