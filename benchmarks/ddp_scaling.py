@@ -48,10 +48,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--train-images", type=int, default=8000, help="training images used (the rest held out)")
     ap.add_argument("--out", default="benchmarks/results/ddp_scaling.json")
     a = ap.parse_args()
     train = ["train", "--method", "alp", "--model", "lenet5", "--epochs", str(a.epochs), "--batch-size",
-             str(a.batch_size), "--attack-steps", "7", "--val-points", "0", "--quiet"]  # fmt: skip
+             str(a.batch_size), "--attack-steps", "7", "--val-points", "0", "--val-size", str(60000 - a.train_images),
+             "--quiet"]  # fmt: skip
     single, multi = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):  # interleaved: both settings see the same machine load
