@@ -16,8 +16,9 @@ from torch import nn
 
 from logitpair.models import create_model, list_models
 from logitpair.models.inception import InceptionV3
+from logitpair.models.layers import NORMALIZATIONS
 from logitpair.models.preact_resnet import WideResNet
-from logitpair.models.resnet import NORMALIZATIONS, max_pool_tf_same
+from logitpair.models.resnet import max_pool_tf_same
 from logitpair.models.revnet import RevBlock
 
 NEW_MODELS = ["inceptionv3", "preact-resnet18", "resnet-v2-50", "resnet101", "resnet50", "revnet9", "wrn-28-10"]

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from logitpair.errors import ConfigError
+from logitpair.models.layers import check_model_args, input_normalization
 from logitpair.models.registry import MODELS
-from logitpair.models.resnet import check_model_args, input_normalization
 
 MIN_SIZE = 75
 MIN_SIZE_AUX = 299

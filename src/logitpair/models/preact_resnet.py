@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from logitpair.errors import ConfigError
+from logitpair.models.layers import check_model_args, input_normalization, min_size_for_strides
 from logitpair.models.registry import MODELS
-from logitpair.models.resnet import check_model_args, input_normalization, min_size_for_strides
 
 
 class PreActBlock(nn.Module):
