@@ -65,9 +65,7 @@ def _torchrun(args: list[str], *, nproc: int = 2, restarts: int = 0, driver: Pat
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={restarts}"]  # fmt: skip
     cmd += [str(driver)] if driver else ["-m", "logitpair"]
-    return subprocess.Popen(
-        cmd + args, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return subprocess.Popen(cmd + args, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -80,8 +78,8 @@ def _max_diff(a: Path, b: Path) -> float:
 
 
 def _train_inproc(data_dir: Path, out: Path, *extra: str) -> None:
-    from logitpair.cli.train import overrides
     from logitpair.cli.main import build_parser
+    from logitpair.cli.train import overrides
 
     args = build_parser().parse_args([*["train", *BASE], "--data-dir", str(data_dir), "--out", str(out), *extra])
     torch.set_num_threads(1)
@@ -99,7 +97,7 @@ def runs(tmp_path_factory, data_dir):
     _train_inproc(data_dir, root / "single")
     _train_inproc(data_dir, root / "accum", "--accum-steps", "2")
     for p in (ddp, control):
-        out, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     return root
 
@@ -190,10 +188,11 @@ def test_bad_global_batch_is_one_error_from_rank0(tmp_path, data_dir):
     _, err = job.communicate(timeout=300)
     assert job.returncode != 0
     lines = [ln for ln in err.splitlines() if ln.startswith("logitpair: error:")]
-    assert lines == [
+    expected = (
         "logitpair: error: --batch-size 63: the global batch must divide into 2 process(es) x 1 accumulation "
         "step(s) = 2 equal micro-batches"
-    ]
+    )
+    assert lines == [expected]
     assert not (tmp_path / "run").exists()
 
 
