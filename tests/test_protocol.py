@@ -117,9 +117,11 @@ def test_public_evaluate_api(trained_model, tiny_data):
 def test_suites_are_valid_and_ordered():
     for name, attacks in SUITES.items():
         assert attacks and all(a.name in ATTACKS for a in attacks), name
-    assert [a.name for a in get_suite("standard")] == ["apgd-ce", "apgd-t", "square"]
+    # AutoAttack's standard version: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5,000 queries)
+    assert [a.name for a in get_suite("standard")] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert get_suite("standard")[1].params["n_target_classes"] == 9
-    assert get_suite("standard")[2].params["queries"] == 5000
+    assert get_suite("standard")[2].params["n_target_classes"] == 9
+    assert get_suite("standard")[3].params["queries"] == 5000
     specs = parse_attacks("apgd-ce:steps=50;restarts=2, square:queries=2000;p_init=0.8,fgsm")
     assert [(s.name, s.params) for s in specs] == [
         ("apgd-ce", {"steps": 50, "restarts": 2}), ("square", {"queries": 2000, "p_init": 0.8}), ("fgsm", {})

@@ -10,7 +10,7 @@ from logitpair.attacks.fab import fab, fab_t
 from logitpair.attacks.fgsm import fgsm
 from logitpair.attacks.mifgsm import EnsembleLogits, mi_fgsm
 from logitpair.attacks.noise import random_noise
-from logitpair.attacks.official import OfficialSpec, official_attack, official_threat, parse_official
+from logitpair.attacks.official import OfficialSpec, official, official_attack, official_threat, parse_official
 from logitpair.attacks.pgd import pgd
 from logitpair.attacks.square import square
 from logitpair.registry import Registry
@@ -26,6 +26,7 @@ ATTACKS.register("noise")(random_noise)
 ATTACKS.register("fab-t")(fab_t)
 ATTACKS.register("fab")(fab)
 ATTACKS.register("mi-fgsm")(mi_fgsm)
+ATTACKS.register("official")(official)  # the official notation pgd|pgdll|pgdrnd_EPS_STEP_NITER by name
 
 __all__ = [
     "ATTACKS",
@@ -39,6 +40,7 @@ __all__ = [
     "fab_t",
     "fgsm",
     "mi_fgsm",
+    "official",
     "official_attack",
     "official_threat",
     "parse_official",

@@ -13,6 +13,11 @@ As in the official ``adversarial_attack.py``:
   clean logits), ``pgdrnd`` descends that of a class drawn uniformly from **all** classes
   (it may equal the label).
 
+The registered attack ``official`` (:func:`official`) runs a spec given by name, so the
+notation works wherever an attack is named (``logitpair evaluate --attacks pgdll_16_2_10``
+resolves to ``AttackSpec("official", {"spec": "pgdll_16_2_10"})``); in a targeted evaluation
+``pgdrnd`` takes the protocol's target classes in place of its own draw.
+
 Example::
 
     spec = parse_official("pgdll_16_2_10")    # OfficialSpec("pgdll", 16/255, 2/255, 10)
@@ -107,6 +112,7 @@ def official_attack(
     spec: OfficialSpec,
     generator: torch.Generator | None = None,
     init: Tensor | None = None,
+    target: Tensor | None = None,
 ) -> Tensor:
     """Run an official-notation attack; returns its last iterate (inside ``official_threat(spec)``).
 
@@ -114,17 +120,65 @@ def official_attack(
     is accepted for the common attack signature. ``generator`` draws the random start and
     the ``pgdrnd`` classes (in that order: classes first). ``init``: a starting point
     (projected into the ball) in place of the random start; training losses pass starts
-    keyed per sample this way. The model runs in eval mode with frozen parameters; both
-    are restored afterwards.
+    keyed per sample this way. ``target`` (``pgdrnd`` only): the classes to descend, in
+    place of the uniform draw (a targeted evaluation's shared targets). The model runs in
+    eval mode with frozen parameters; both are restored afterwards.
     """
+    if target is not None and spec.kind != "pgdrnd":
+        raise ConfigError(
+            f"official attack {spec.name}: only pgdrnd takes given target classes "
+            f"(pgd ascends the predicted class, pgdll descends the least likely one)"
+        )
     threat = official_threat(spec)
     x = x.detach()
     with attack_context(model):
-        with torch.no_grad():
-            label = official_targets(model(x), spec.kind, generator)
+        if target is not None:
+            label = target.to(x.device)
+        else:
+            with torch.no_grad():
+                label = official_targets(model(x), spec.kind, generator)
         target = None if spec.kind == "pgd" else label  # pgd ascends CE(label); the others descend CE(target)
         x_adv = threat.project(x, init.detach()) if init is not None else threat.random_init(x, generator)
         for _ in range(spec.steps):
             _, _, grad = input_grad(model, x_adv, label, target)
             x_adv = threat.step(x, x_adv, grad, spec.step)
     return x_adv.detach()
+
+
+def official(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    threat: Linf,
+    spec: str,
+    generator: torch.Generator | None = None,
+    targeted: bool = False,
+    target: Tensor | None = None,
+) -> Tensor:
+    """The official notation as a registered attack: ``AttackSpec("official", {"spec": "pgdll_16_2_10"})``.
+
+    Runs :func:`official_attack` with the spec's own eps and step (0-255 units / 255); ``threat``
+    (the evaluation's L-inf ball, [0, 1] inputs, shape (N, C, H, W)) must be at least as large
+    as the spec's eps. ``targeted``/``target``: the targeted protocol's classes (one per
+    example, shape (N,)), accepted by ``pgdrnd`` only (it then descends them instead of
+    drawing its own; ``targeted`` without ``target`` keeps the official uniform draw).
+
+    Example::
+
+        x_adv = official(model, x, y, threat=Linf(16 / 255), spec="pgdrnd_16_2_10", targeted=True, target=t)
+    """
+    parsed = parse_official(spec)
+    if parsed is None:
+        raise ConfigError(f"attack official: spec {spec!r} is not in the notation {_FORM}, e.g. pgdll_16_2_10")
+    if parsed.eps > threat.eps + 1e-9:
+        raise ConfigError(
+            f"attack {parsed.name}: its eps {parsed.eps:.6g} (= {round(parsed.eps * 255)}/255) is larger than "
+            f"the evaluation's eps {threat.eps:.6g}"
+        )
+    if (targeted or target is not None) and parsed.kind != "pgdrnd":
+        raise ConfigError(
+            f"attack {parsed.name}: a targeted evaluation gives every point a target class, which only "
+            f"pgdrnd takes (pgd ascends the predicted class, pgdll descends the least likely one)"
+        )
+    return official_attack(model, x, y, spec=parsed, generator=generator, target=target)

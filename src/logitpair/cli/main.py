@@ -8,10 +8,10 @@ import os
 import sys
 
 from logitpair._version import __version__
-from logitpair.cli import audit, demo, evaluate, listing, train, transfer
+from logitpair.cli import audit, demo, evaluate, listing, reproduce, train, transfer
 from logitpair.errors import LogitpairError
 
-SUBCOMMANDS = (train, evaluate, audit, demo, listing, transfer)
+SUBCOMMANDS = (train, evaluate, audit, demo, listing, transfer, reproduce)
 
 
 def build_parser() -> argparse.ArgumentParser:

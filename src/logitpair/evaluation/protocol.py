@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from logitpair.attacks import ATTACKS
 from logitpair.attacks.common import predict, random_target
 from logitpair.errors import ConfigError
+from logitpair.evaluation.gates import BatchSignals, has_gates, split_params
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.evaluation.suites import get_suite
 from logitpair.metrics import summarize, topk_correct
@@ -77,8 +78,10 @@ def _seed_for(seed: int, *parts: int) -> int:
 def _fingerprint(attacks: list[AttackSpec], threat: Linf, x: Tensor, y: Tensor, **settings: Any) -> str:
     """A digest of everything that determines the protocol's outcome, for resumable state."""
     h = hashlib.sha256()
-    for v in settings.pop("model").state_dict().values():
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for key in ("model", "source"):  # the target's weights and, for transfer attacks, the source's
+        module = settings.pop(key, None)
+        for v in module.state_dict().values() if module is not None else ():
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     h.update(json.dumps([a.to_dict() for a in attacks], sort_keys=True, default=str).encode())
     h.update(json.dumps({"eps": threat.eps, "bounds": threat.bounds, **settings}, sort_keys=True, default=str).encode())
     h.update(x.detach().cpu().contiguous().numpy().tobytes())
@@ -144,7 +147,7 @@ def run_protocol(
     n = len(x)
     state_path = Path(state_path) if state_path is not None else None
     fp = _fingerprint(attacks, threat, x, y, model=model, seed=seed, batch_size=batch_size, targeted=targeted, top5=top5,
-                      keep_adversarial=keep_adversarial, transfer=source is not None)  # fmt: skip
+                      keep_adversarial=keep_adversarial, transfer=source is not None, source=source)  # fmt: skip
     st, done = _load_state(state_path, fp)
     if not st:
         st = {
@@ -209,11 +212,17 @@ def _run_batch(
         tb = random_target(yb, logits.shape[1], torch.Generator().manual_seed(_seed_for(seed, -1, b)))
         st["target"][sl] = tb
     broken = st["broken_by"][sl]
+    signals = BatchSignals.start(logits, yb) if has_gates(attacks) else None  # gated suites only (gates.py)
     for i, spec in enumerate(attacks):
         idx = (r5 if r5 is not None else r1).nonzero().flatten()
         if len(idx) == 0:
             break
         kwargs = dict(spec.params)
+        if signals is not None:
+            kwargs, gate = split_params(kwargs)
+            idx = signals.select(gate, idx)
+            if len(idx) == 0:
+                continue
         if tb is not None:
             kwargs.update(targeted=True, target=tb[idx])
         gen = torch.Generator().manual_seed(_seed_for(seed, i, b))
@@ -228,6 +237,8 @@ def _run_batch(
         if "adv" in st:
             take = newly | (r1[idx] & ok1)  # the breaking example, else the latest attempt
             st["adv"][start + idx[take]] = xa[take].to(st["adv"].dtype)
+        if signals is not None:
+            signals.update(spec.name, idx, adv_logits, yb[idx], newly)
         r1[idx] &= ok1
         if r5 is not None:
             r5[idx] &= topk_correct(adv_logits, yb[idx], 5)

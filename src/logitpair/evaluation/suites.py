@@ -11,14 +11,16 @@
   and targeted Square (5,000 queries). Chosen automatically by ``evaluate --targeted``.
 
 An explicit list reads ``name[:key=value[;key=value]]`` items separated by commas, e.g.
-``apgd-ce:steps=50,square:queries=2000;p_init=0.8``.
+``apgd-ce:steps=50,square:queries=2000;p_init=0.8``. A name in the official ALP notation
+``pgd|pgdll|pgdrnd_EPS_STEP_NITER`` (e.g. ``pgdll_16_2_10``) resolves to the registered attack
+``official`` with ``{"spec": name}`` (:func:`resolve_attack`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from logitpair.attacks import ATTACKS
+from logitpair.attacks import ATTACKS, parse_official
 from logitpair.errors import ConfigError
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.threat import parse_fraction
@@ -32,6 +34,7 @@ SUITES: dict[str, tuple[AttackSpec, ...]] = {
     "standard": (
         AttackSpec("apgd-ce", {"steps": 100}, "APGD-CE"),
         AttackSpec("apgd-t", {"steps": 100, "n_target_classes": 9}, "APGD-T (9 targets)"),
+        AttackSpec("fab-t", {"steps": 100, "n_target_classes": 9}, "FAB-T (9 targets)"),
         AttackSpec("square", {"queries": 5000}, "Square (5000 queries)"),
     ),
     "thorough": (
@@ -46,6 +49,16 @@ SUITES: dict[str, tuple[AttackSpec, ...]] = {
     "targeted": (
         AttackSpec("pgd", {"steps": 200, "restarts": 2}, "targeted PGD-200x2"),
         AttackSpec("square", {"queries": 5000}, "targeted Square (5000 queries)"),
+    ),
+    "fast": (
+        AttackSpec("apgd-ce", {"steps": 10}, "APGD-CE (10 steps)"),
+        AttackSpec(
+            "apgd-t",
+            {"steps": 50, "n_target_classes": 3, "gate": "near", "max_margin": 0.3},
+            "APGD-T (3 targets, 50 steps; remaining margin < 0.3)",
+        ),
+        AttackSpec("square", {"queries": 300}, "Square (300 queries)"),
+        AttackSpec("square", {"queries": 5000, "gate": "masking"}, "Square (5000 queries; on a masking signal)"),
     ),
 }
 
@@ -67,20 +80,35 @@ def _value(text: str) -> Any:
         return parse_fraction(text, "attack option")
 
 
+def resolve_attack(name: str, params: dict[str, Any] | None = None, label: str = "") -> AttackSpec:
+    """The spec of an attack named by the user: a registered attack, or a name in the official
+    notation ``pgd|pgdll|pgdrnd_EPS_STEP_NITER`` -> ``AttackSpec("official", {"spec": name})``
+    (its settings are in its name, so it takes no options)."""
+    official = parse_official(name)
+    if official is not None:
+        if params:
+            raise ConfigError(f"--attacks: {name} takes no options (eps, step and steps are in its name)")
+        return AttackSpec("official", {"spec": official.name}, label or name)
+    ATTACKS.get(name)
+    params = dict(params or {})
+    return AttackSpec(name, params, label or name + (f" {params}" if params else ""))
+
+
 def parse_attacks(text: str) -> list[AttackSpec]:
-    """Parse ``name[:k=v[;k=v]],...`` into attack specs (unknown names list the valid ones)."""
+    """Parse ``name[:k=v[;k=v]],...`` into attack specs (unknown names list the valid ones);
+    names in the official notation (``pgdll_16_2_10``) resolve by :func:`resolve_attack`."""
     specs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, opts = item.partition(":")
-        ATTACKS.get(name)
+        if parse_official(name) is None:
+            ATTACKS.get(name)
         params: dict[str, Any] = {}
         for kv in filter(None, opts.split(";")):
             key, sep, val = kv.partition("=")
             if not sep or not key.strip():
                 raise ConfigError(f"--attacks: expected key=value in {item!r}, got {kv!r}")
             params[key.strip()] = _value(val.strip())
-        label = name + (f" {params}" if params else "")
-        specs.append(AttackSpec(name, params, label))
+        specs.append(resolve_attack(name, params))
     if not specs:
         raise ConfigError("--attacks: no attack given")
     return specs

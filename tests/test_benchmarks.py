@@ -1,0 +1,119 @@
+"""`benchmarks/run.py --quick` end to end on a tiny model trained here: the result's schema, no timings."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from logitpair.checkpoint import export_model
+from logitpair.data import load_dataset
+from logitpair.evaluation import SUITES
+from logitpair.methods import METHODS
+from logitpair.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "lenet5"
+
+
+def _tiny_run(run_dir: Path, data_dir: Path) -> Path:
+    """A LeNet-5 trained for one epoch on the generated IDX data, exported as a run directory."""
+    torch.manual_seed(0)
+    train = load_dataset("fashion-mnist", data_dir, val_size=0).train
+    model = create_model(ARCH, num_classes=10, in_channels=1, image_size=28)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for i in range(0, len(train), 64):
+        loss = F.cross_entropy(model(train.x[i : i + 64]), train.y[i : i + 64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    run_dir.mkdir(parents=True)
+    meta = {
+        "model": {"name": ARCH, "kwargs": {"num_classes": 10, "in_channels": 1, "image_size": 28}},
+        "dataset": "fashion-mnist",
+        "method": "regular",
+        "eps": 0.1,
+        "config": {"data": {"dataset": "fashion-mnist", "data_dir": str(data_dir)}},
+    }
+    export_model(run_dir, model.eval(), meta)
+    return run_dir
+
+
+def _positive(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def _check_ratio(entry: dict) -> None:
+    assert "error" not in entry, entry.get("error")
+    assert _positive(entry["median"]) and _positive(entry["min"]) and _positive(entry["max"])
+    assert entry["min"] <= entry["median"] <= entry["max"]
+    assert len(entry["values"]) == 2  # --quick: 2 interleaved repeats
+    assert isinstance(entry["peak_rss_mib"], float) and entry["peak_rss_mib"] > 0
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_the_documented_schema(tmp_path, data_dir):
+    run = _tiny_run(tmp_path / "run", data_dir)
+    out = tmp_path / "bench.json"
+    docs = tmp_path / "PERF.md"
+    docs.write_text("# Performance\n\nprose\n\n<!-- BEGIN benchmarks/run.py -->\nSTALE\n<!-- END benchmarks/run.py -->\nend\n")
+    cmd = [
+        sys.executable, "benchmarks/run.py", "--quick", "--out", str(out), "--models", str(run), "--n", "40",
+        "--arch", ARCH, "--data-dir", str(data_dir), "--docs", str(docs),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+
+    for key in ("settings", "versions", "environment", "floors", "command"):
+        assert key in r
+    assert r["settings"]["quick"] and r["settings"]["threads"] == 1 and r["settings"]["repeats"] == 2
+    for key in ("pgd_floor_ratio", "pgd_last_iterate_floor_ratio", "apgd_floor_ratio"):
+        _check_ratio(r[key][ARCH])
+        assert r[key][ARCH]["passes"]["grad"] > 0
+    art = r["vs_art"]
+    assert art == "skipped: adversarial-robustness-toolbox is not installed" or _positive(art[ARCH]["median"])
+    steps = r["train_step_ratio"][ARCH]
+    assert set(steps) == set(METHODS.names())
+    for entry in steps.values():
+        _check_ratio(entry)
+        assert entry["floor"]
+    assert steps["mpgd"]["floor"].startswith("PGD-7") and steps["clp"]["floor"] == "regular step"
+
+    ev = r["vs_autoattack"]
+    (entry,) = ev.values()
+    assert entry["run"] == str(run) and entry["n"] == 40
+    suites = dict.fromkeys(["quick", "standard", "fast", "pgd40"])
+    assert set(entry["suites"]) == set(suites) and set(suites) <= set(SUITES)
+    results = list(entry["suites"].values())
+    if entry["autoattack"] != "skipped: pyautoattack is not installed":
+        results.append(entry["autoattack"])
+        assert set(entry["targets"]) == {
+            "standard_minus_autoattack_points", "fast_minus_autoattack_points", "fast_time_fraction",
+            "fast_grad_pass_fraction", "fast_no_grad_pass_fraction",
+        }  # fmt: skip
+        for t in entry["targets"].values():
+            assert isinstance(t["met"], bool) and isinstance(t["value"], float)
+    for res in results:
+        assert "error" not in res, res.get("error")
+        assert 0 <= res["robust"]["value"] <= 1 and res["robust"]["n"] == 40
+        assert len(res["robust_points"]) == 40
+        assert res["passes"]["grad"] >= 0 and res["passes"]["no_grad"] > 0
+        assert _positive(res["peak_rss_mib"])
+    speed = next(iter(r["eval_speedup"].values()))
+    assert speed["suite"] == "quick" and _positive(speed["median"])
+
+    idx = r["data"]["idx"]
+    assert idx["images"] == 800 and _positive(idx["images_per_second"]["median"])
+    folder = r["data"]["image_folder"]
+    assert folder == "skipped: Pillow is not installed" or _positive(folder["test"]["images_per_second"]["median"])
+
+    text = docs.read_text()
+    assert text.startswith("# Performance\n\nprose\n") and text.endswith("end\n") and "STALE" not in text
+    assert "Attack cost" in text and "Evaluations vs AutoAttack" in text
