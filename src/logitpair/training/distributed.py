@@ -7,6 +7,7 @@ rank 0 writes files. Collective helpers here are no-ops in a single process.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -55,6 +56,9 @@ def setup(device: str) -> tuple[Dist, torch.device]:
     if w.active and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, store=_store(w), rank=w.rank, world_size=w.world_size)
+        # one group per process, kept for every later train() call (experiments train several
+        # models); re-creating it would meet the first group's keys in torchrun's store
+        atexit.register(teardown)
     return w, dev
 
 

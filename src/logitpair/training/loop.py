@@ -193,12 +193,7 @@ def train(
     torchrun every process calls this; only rank 0 writes.
     """
     world, device = D.setup(cfg.device)
-    started_group = world.active
-    try:
-        return _train(cfg, Path(out_dir), world, device, resume, overwrite, splits, progress, log, stop_after_steps)
-    finally:
-        if started_group:
-            D.teardown()
+    return _train(cfg, Path(out_dir), world, device, resume, overwrite, splits, progress, log, stop_after_steps)
 
 
 def _train(
