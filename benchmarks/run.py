@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/run.py --out benchmarks/results/bench.json [--quick] [--device cpu|cuda]
         [--models RUN ...] [--threads 1] [--repeats 5] [--n 1000] [--suites quick standard fast pgd40]
-        [--docs docs/PERFORMANCE.md]
+        [--jobs 1] [--docs docs/PERFORMANCE.md]
 
 Definitions. A *pass* is one image through the model; forward images are counted with
 autograd on (the forward built a graph) and off, separately (``_counting.CountingModel``).
@@ -24,6 +24,7 @@ its min and max, each measurement in its own process (forked), with its peak mem
 - ``vs_autoattack``: per ``--models`` run, on its first ``--n`` test points at its training eps:
   robust accuracy, passes and wall time of the reference AutoAttack (``pyautoattack``,
   ``version="standard"``) and of each suite; ``targets`` compares them with issue #13's aims.
+  Each evaluation runs once (``--eval-repeats``) in its own process, ``--jobs`` at a time.
 - ``eval_speedup``: the ``--speedup-suite`` with every attack on all points / the protocol
   (each attack only on the points still robust). Reported, not a target.
 - ``data``: Fashion-MNIST IDX read throughput, and decode+transform throughput of the
@@ -213,6 +214,7 @@ def ratio(ours: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
         "reference_passes": ref.get("passes"),
         "peak_rss_mib": ours.get("peak_rss_mib"),
         "reference_peak_rss_mib": ref.get("peak_rss_mib"),
+        "rss_start_mib": ours.get("rss_start_mib"),
         **({"cuda_peak_mib": ours["cuda_peak_mib"]} if "cuda_peak_mib" in ours else {}),
     }
 
@@ -357,6 +359,7 @@ def eval_entry(entry: dict[str, Any]) -> dict[str, Any]:
     out["seconds"] = spread(seconds(entry))
     out["passes"] = last.get("passes")
     out["peak_rss_mib"] = entry.get("peak_rss_mib")
+    out["rss_start_mib"] = entry.get("rss_start_mib")
     if "cuda_peak_mib" in entry:
         out["cuda_peak_mib"] = entry["cuda_peak_mib"]
     return out

@@ -62,7 +62,9 @@ def test_quick_benchmark_writes_the_documented_schema(tmp_path, data_dir):
     run = _tiny_run(tmp_path / "run", data_dir)
     out = tmp_path / "bench.json"
     docs = tmp_path / "PERF.md"
-    docs.write_text("# Performance\n\nprose\n\n<!-- BEGIN benchmarks/run.py -->\nSTALE\n<!-- END benchmarks/run.py -->\nend\n")
+    docs.write_text(
+        "# Performance\n\nprose\n\n<!-- BEGIN benchmarks/run.py -->\nSTALE\n<!-- END benchmarks/run.py -->\nend\n"
+    )
     cmd = [
         sys.executable, "benchmarks/run.py", "--quick", "--out", str(out), "--models", str(run), "--n", "40",
         "--arch", ARCH, "--data-dir", str(data_dir), "--docs", str(docs),

@@ -112,6 +112,23 @@ def test_signals_track_the_best_margin():
     assert s.masking()["nonfinite"]
 
 
+def test_one_lucky_square_success_in_a_large_batch_does_not_fire():
+    """Signal 1 is AutoAttack's check_square_sr: more than 0.2% of the batch, not any single point."""
+    n = 1000
+    logits = torch.tensor([[2.0, 0.0]]).repeat(n, 1)
+    y = torch.zeros(n, dtype=torch.long)
+    s = BatchSignals.start(logits, y)
+    moved = torch.tensor([[1.0, 0.5]]).repeat(n, 1)
+    s.update("apgd-ce", torch.arange(n), moved, y, torch.zeros(n, dtype=torch.bool))
+    broke = torch.zeros(n, dtype=torch.bool)
+    broke[:2] = True  # 2 of 1000 = 0.2%: not more than the rate
+    s.update("square", torch.arange(n), moved, y, broke)
+    assert not s.masking()["gradient_free_broke"]
+    s.update("square", torch.arange(n), moved, y, broke[:1].repeat(n) & (torch.arange(n) == 5))
+    assert s.masking()["gradient_free_broke"], "3 of 1000 is more than 0.2%"
+    assert not s.masking(square_rate=0.01)["gradient_free_broke"]
+
+
 def test_gate_settings_are_checked():
     assert split_params({"steps": 5}) == ({"steps": 5}, {})
     assert split_params({"steps": 5, "gate": "near", "max_margin": 0.3}) == (
@@ -122,6 +139,7 @@ def test_gate_settings_are_checked():
         {"gate": "near"},
         {"gate": "near", "max_margin": 0},
         {"gate": "masking", "min_flat": 2},
+        {"gate": "masking", "square_rate": 1.5},
     ):
         with pytest.raises(ConfigError):
             split_params(bad)

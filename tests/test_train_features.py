@@ -125,3 +125,26 @@ def test_bf16_training_keeps_attacks_in_float32(tmp_path, data_dir, monkeypatch)
     res = train(cfg_for(data_dir, method="alp", amp="bf16", optim={"epochs": 1}), tmp_path / "run")
     assert dtypes and set(dtypes) == {torch.float32}
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
+def test_val_suite_adds_robust_accuracy_under_the_suite_and_drives_selection(tmp_path, data_dir):
+    """val_suite=fast: every epoch records val_robust (the protocol's rule: clean-correct and
+    robust to every attack of the suite), and select=best-robust picks its best epoch."""
+    cfg = cfg_for(data_dir, method="mpgd", val_suite="fast", select="best-robust", optim={"epochs": 2})
+    res = train(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if "val_robust" in r]
+    assert len(epochs) == 2 and len(res.history) == 2
+    for r in epochs:
+        assert 0.0 <= r["val_robust"] <= 1.0
+    best = max(range(2), key=lambda i: (epochs[i]["val_robust"], -i))
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["selected"]["epoch"] == best + 1
+
+
+def test_unknown_val_suite_fails_before_anything_is_written(tmp_path, data_dir):
+    from logitpair.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown suite"):
+        train(cfg_for(data_dir, method="regular", val_suite="nope"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -95,6 +95,9 @@ class RunConfig:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of epoch only)
     val_points: int = 1000  # validation points attacked each epoch (PGD-10)
     val_attack_steps: int = 10
+    # also the robust accuracy under this attack suite (e.g. fast) on the same points each
+    # epoch (val_robust; select=best-robust then uses it); "" = PGD only
+    val_suite: str = ""
     select: str = "last"  # which weights the run exports: last | best-robust | best-clean
     on_nonfinite: str = "stop"  # stop | skip (skip the batch and count it)
     ema_decay: float = 0.0  # exponential moving average of the weights (official ALP code: 0.9999); 0 = off

@@ -64,6 +64,7 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--tensorboard", "tensorboard", bool, "also write TensorBoard event logs"),
     ("--log-every", "log_every", int, "steps between progress updates (host syncs)"),
     ("--val-points", "val_points", int, "validation points attacked with PGD each epoch (0 = none)"),
+    ("--val-suite", "val_suite", str, "also this attack suite on the validation points each epoch (e.g. fast)"),
     ("--seed", "seed", int, "random seed"),
     ("--checkpoint-every", "checkpoint_every", int, "also checkpoint every N steps"),
     ("--select", "select", str, "exported weights: last, best-robust or best-clean"),

@@ -15,8 +15,11 @@ runs the attack only on the still-robust points the gate selects (possibly none)
 - ``gate="masking"``: all points, but only if a gradient-masking signal fired on this batch,
   else none. The signals (:meth:`BatchSignals.masking`):
 
-  1. a gradient-free attack (Square, noise) broke a point that the gradient attacks before
-     it left robust: the gradients mislead (AutoAttack's own warning, ``check_square_sr``);
+  1. the gradient-free attacks (Square, noise), run after the gradient attacks, broke more
+     than ``square_rate`` (default 0.002) of the batch's points: the gradients mislead. This is
+     AutoAttack's own warning (``checks.check_square_sr``: Square lowering the robust accuracy
+     by more than 0.2 points). One lucky Square success in a batch of 500 does not fire it;
+     in a batch of fewer than 500 points one does;
   2. on at least ``min_flat`` (default 0.05) of the points the gradient attacks did not
      lower the margin at all (remaining margin >= 1): the gradients do not lead anywhere
      (zero, saturated or shattered gradients);
@@ -36,10 +39,11 @@ from torch import Tensor
 
 from logitpair.errors import ConfigError
 
-GATE_KEYS = ("gate", "max_margin", "min_flat")
+GATE_KEYS = ("gate", "max_margin", "min_flat", "square_rate")
 GATES = ("near", "masking")
 GRADIENT_FREE = frozenset({"square", "noise"})
 MIN_FLAT = 0.05
+SQUARE_RATE = 0.002
 
 
 def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -59,6 +63,8 @@ def check_gate(gate: dict[str, Any]) -> None:
         raise ConfigError(f"gate=near needs max_margin > 0, got {gate.get('max_margin')!r}")
     if kind == "masking" and not 0 < gate.get("min_flat", MIN_FLAT) <= 1:
         raise ConfigError(f"gate=masking: min_flat must be in (0, 1], got {gate.get('min_flat')!r}")
+    if kind == "masking" and not 0 <= gate.get("square_rate", SQUARE_RATE) < 1:
+        raise ConfigError(f"gate=masking: square_rate must be in [0, 1), got {gate.get('square_rate')!r}")
 
 
 def has_gates(attacks: list[Any]) -> bool:
@@ -80,7 +86,7 @@ class BatchSignals:
     best_margin: Tensor  # (b,) lowest margin seen at any attack's output (the clean one before)
     gradient_moved: Tensor  # (b,) bool: a gradient attack lowered the margin below the clean one
     gradient_attacked: Tensor  # (b,) bool: a gradient attack ran on the point
-    gradient_free_broke: bool = False
+    gradient_free_broke: int = 0  # points broken by gradient-free attacks
     nonfinite: bool = False
 
     @classmethod
@@ -93,12 +99,12 @@ class BatchSignals:
         """Fraction of the clean margin left after the best attack so far (see the module doc)."""
         return self.best_margin / self.clean_margin.clamp_min(torch.finfo(self.clean_margin.dtype).tiny)
 
-    def masking(self, min_flat: float = MIN_FLAT) -> dict[str, bool]:
+    def masking(self, min_flat: float = MIN_FLAT, square_rate: float = SQUARE_RATE) -> dict[str, bool]:
         """The three signals of the module docstring."""
         attacked = int(self.gradient_attacked.sum())
         flat = int((self.gradient_attacked & ~self.gradient_moved).sum())
         return {
-            "gradient_free_broke": self.gradient_free_broke,
+            "gradient_free_broke": self.gradient_free_broke > square_rate * len(self.clean_margin),
             "flat_gradients": attacked > 0 and flat >= min_flat * attacked,
             "nonfinite": self.nonfinite,
         }
@@ -109,7 +115,7 @@ class BatchSignals:
             return idx
         if gate["gate"] == "near":
             return idx[~(self.remaining()[idx] >= gate["max_margin"])]  # a NaN margin is never skipped
-        fired = any(self.masking(gate.get("min_flat", MIN_FLAT)).values())
+        fired = any(self.masking(gate.get("min_flat", MIN_FLAT), gate.get("square_rate", SQUARE_RATE)).values())
         return idx if fired else idx[:0]
 
     def update(self, name: str, idx: Tensor, adv_logits: Tensor, y: Tensor, newly_broken: Tensor) -> None:
@@ -117,7 +123,7 @@ class BatchSignals:
         m = margin(adv_logits, y)
         self.nonfinite |= not bool(torch.isfinite(adv_logits).all())
         if name in GRADIENT_FREE:
-            self.gradient_free_broke |= bool(newly_broken.any())
+            self.gradient_free_broke += int(newly_broken.sum())
         else:
             self.gradient_attacked[idx] = True
             self.gradient_moved[idx] |= m < self.clean_margin[idx]

@@ -282,7 +282,7 @@ def evaluate(
 ) -> ProtocolResult:
     """Robust accuracy of any classifier mapping [0, 1] images to logits under an attack suite.
 
-    ``suite`` is a preset name (``quick``, ``standard``, ``thorough``, ``pgd40``; see
+    ``suite`` is a preset name (``quick``, ``standard``, ``fast``, ``thorough``, ``pgd40``; see
     :mod:`logitpair.evaluation.suites`) or a list of :class:`AttackSpec`. With ``baseline=True`` the
     paper-style PGD-40 (2 restarts) runs first, so ``broken_by`` also tells how many points
     only the stronger attacks broke. Other keyword arguments go to :func:`run_protocol`.

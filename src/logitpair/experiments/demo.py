@@ -99,7 +99,7 @@ class DemoOptions:
 def demo_configs(opts: DemoOptions) -> dict[str, RunConfig]:
     if opts.methods not in ("default", "all"):
         raise ConfigError(f"--methods: expected default or all, got {opts.methods!r}")
-    base: dict[str, Any] = {"model": "lenet5", "loss": {"eps": EPS}, "val_points": 500}
+    base: dict[str, Any] = {"model": "lenet5", "loss": {"eps": EPS}, "val_points": 500, "val_suite": "fast"}
     base["data"] = {"data_dir": opts.data_dir, "val_size": opts.val_size}
     runs = DEMO_RUNS + (EXTRA_RUNS if opts.methods == "all" else [])
     out = {}
@@ -200,7 +200,7 @@ def _evaluate_job(
     """Everything the table and the plots need about one trained model."""
     splits = load_dataset("fashion-mnist", opts.data_dir, opts.val_size, 0)
     x, y = splits.test.x[:n], splits.test.y[:n]
-    eval_opts = EvalOptions(n=n, eps=EPS, data_dir=opts.data_dir, suite="quick", attacks=opts.attacks, seed=opts.seed)
+    eval_opts = EvalOptions(n=n, eps=EPS, data_dir=opts.data_dir, suite="fast", attacks=opts.attacks, seed=opts.seed)
     ev = evaluate_run(run_dir, eval_opts)
     model = load_model(run_dir)
     clean_ok = predict(model, x).argmax(1) == y
@@ -242,7 +242,7 @@ def _run(opts: DemoOptions, tmp: Path, final: Path, progress: ProgressFactory, l
             progress=progress, desc="transfer",
         ).adversarial  # fmt: skip
         methods = [name for name in cfgs if name not in HELPERS]
-        log(f"[demo] evaluating {len(methods)} models: clean, PGD-40, quick suite, transfer, ε curve, quick audit")
+        log(f"[demo] evaluating {len(methods)} models: clean, PGD-40, fast suite, transfer, ε curve, quick audit")
         evals = pool.run(
             {m: (_cost(cfgs[m]), (), _evaluate_job, (m, tmp / m, tmp / SOURCE, opts, x_transfer, n)) for m in methods},
             log,
@@ -294,7 +294,8 @@ def _run(opts: DemoOptions, tmp: Path, final: Path, progress: ProgressFactory, l
         "eps": EPS,
         "n": n,
         "white_box_attack": "PGD-40, step 2.5*eps/40, 2 random restarts, per-example worst case",
-        "strong_attack": "worst case of PGD-40x2 and the quick suite (APGD-CE 100, APGD-T 3 targets, Square 1000)",
+        "strong_attack": "worst case of PGD-40x2 and the fast suite (APGD-CE 10, then APGD-T and APGD-CE-50 "
+        "escalating on points near the boundary, Square 100, Square 5000 on a masking signal)",
         "black_box_attack": f"PGD-40 x2 crafted on the independently seeded M-PGD model ({SOURCE})",
         "source_train_seconds": round(train_seconds[SOURCE], 2),
         "methods": opts.methods,

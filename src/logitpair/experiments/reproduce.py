@@ -76,7 +76,9 @@ FOLDER_DATASETS = ("imagenet", "tiny-imagenet")
 # --scale small: the demo's settings (logitpair.experiments.demo): LeNet-5, eps 0.1, training PGD
 # 7 steps of 0.025 (MethodConfig defaults), Adam, cosine, batch 128, 2 epochs (sources: 1)
 SMALL_EPS = 0.1
-SMALL_BASE: dict[str, Any] = {"model": "lenet5", "loss": {"eps": SMALL_EPS}, "val_points": 500, "optim": {"epochs": 2}}
+SMALL_BASE: dict[str, Any] = {
+    "model": "lenet5", "loss": {"eps": SMALL_EPS}, "val_points": 500, "val_suite": "fast", "optim": {"epochs": 2}
+}  # fmt: skip
 SMALL_POINTS = 1000
 SMALL_FOLDER_SIZE = 32  # a folder dataset at --scale small is read at 32x32 (ours)
 AUDIT_POINTS = 200  # audit_run's default with the quick settings

@@ -54,6 +54,8 @@ from logitpair.config import RunConfig, build, to_dict
 from logitpair.data import Splits, iterate_batches, load_dataset, take
 from logitpair.data.base import Dataset
 from logitpair.errors import ConfigError, LogitpairError, TrainingDiverged
+from logitpair.evaluation.protocol import run_protocol
+from logitpair.evaluation.suites import get_suite
 from logitpair.io import sha256_file, write_json, write_text
 from logitpair.methods import METHODS, BatchContext
 from logitpair.models import create_model
@@ -95,7 +97,10 @@ def _accuracy(model: nn.Module, data: Dataset, device: torch.device, batch_size:
 
 
 def validate(model: nn.Module, splits: Splits, cfg: RunConfig, device: torch.device | None = None) -> dict[str, float]:
-    """Clean accuracy on the validation split and PGD accuracy on its first ``val_points``."""
+    """Clean accuracy on the validation split, PGD accuracy on its first ``val_points``
+    (``val_pgd``, which the overfitting guard watches) and, with ``val_suite``, the robust
+    accuracy under that suite on the same points (``val_robust``: correct on clean and under
+    every attack of the suite, the evaluation protocol's rule)."""
     val = splits.val
     device = device or torch.device("cpu")
     if len(val) == 0:
@@ -120,6 +125,11 @@ def validate(model: nn.Module, splits: Splits, cfg: RunConfig, device: torch.dev
             )
             correct += int((predict(model, xa).argmax(1) == y[i : i + 500]).sum())
         out["val_pgd"] = correct / n
+        if cfg.val_suite:
+            res = run_protocol(
+                model, x, y, get_suite(cfg.val_suite), threat=Linf(cfg.loss.eps), seed=cfg.seed + 17, batch_size=500
+            )
+            out["val_robust"] = float(res.robust.float().mean())
     return out
 
 
@@ -220,6 +230,8 @@ def _train(
             f"--batch-size {batch}: the global batch must divide into {world.world_size} process(es) x "
             f"{accum} accumulation step(s) = {parts} equal micro-batches"
         )
+    if cfg.val_suite:
+        get_suite(cfg.val_suite)  # an unknown suite fails here, before anything is written
     if cfg.sync_bn and world.active and device.type != "cuda":
         raise ConfigError("sync_bn: SyncBatchNorm needs CUDA devices")
     splits = splits or load_dataset(
@@ -466,7 +478,7 @@ def _train(
                 if isinstance(v, (int, float)):
                     writer.add_scalar(f"epoch/{k}", v, epoch + 1)
             writer.flush()
-        key = {"best-robust": "val_pgd", "best-clean": "val_clean"}.get(cfg.select)
+        key = {"best-robust": "val_robust" if cfg.val_suite else "val_pgd", "best-clean": "val_clean"}.get(cfg.select)
         if not collapsed and key and key in record and (state["best"] is None or record[key] > state["best"][1]):
             state["best"] = [epoch + 1, record[key]]
             best_weights = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
