@@ -35,6 +35,7 @@ def test_train_evaluate_blackbox(tmp_path, data_dir):
     assert proc.returncode == 0, proc.stderr
     ev = json.loads(proc.stdout)
     assert ev["n"] == 60 and ev["eps"] == pytest.approx(0.1)
+    assert ev["device"] == "cpu" and ev["precision"] == "float32"
     clean, pgd, wb, bb = ev["clean"], ev["pgd"], ev["white_box"]["robust"], ev["black_box"]["robust"]
     assert wb["value"] <= pgd["value"] <= clean["value"] and bb["value"] <= clean["value"]
     assert [a["name"] for a in ev["white_box"]["attacks"]] == ["pgd", "apgd-ce", "square"]
@@ -48,6 +49,16 @@ def test_train_evaluate_blackbox(tmp_path, data_dir):
     assert wb["ci95"][0] <= wb["value"] <= wb["ci95"][1] and wb["n"] == 60
     assert (tmp_path / "regular" / "evaluation.json").is_file()
     assert "white-box" in (tmp_path / "regular" / "evaluation.md").read_text()
+    assert "float32 on cpu" in (tmp_path / "regular" / "evaluation.md").read_text()
+    if not torch.cuda.is_available():  # an unavailable device: one line, exit 2, nothing new written
+        before = (tmp_path / "regular" / "evaluation.json").read_bytes()
+        for cmd in ("evaluate", "audit"):
+            proc = run_cli(cmd, str(tmp_path / "regular"), "--device", "cuda", "--n", "10", "--quiet")
+            assert proc.returncode == 2 and "--device cuda: CUDA is not available" in proc.stderr, proc.stderr
+            assert proc.stderr.count("\n") == 1
+        proc = run_cli("evaluate", str(tmp_path / "regular"), "--device", "tpu", "--quiet")
+        assert proc.returncode == 2 and "expected cpu, cuda or cuda:N, got 'tpu'" in proc.stderr
+        assert (tmp_path / "regular" / "evaluation.json").read_bytes() == before
 
 
 def test_config_file_and_resolved_config(tmp_path, data_dir):

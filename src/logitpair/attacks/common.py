@@ -66,6 +66,16 @@ def prepare_target(
     return random_target(y, num_classes, generator)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter or buffer (an ensemble's first member's); CPU
+    for a model without any (a plain function wrapped in a module)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
     """Logits for ``x`` in chunks, without building a graph."""
     with torch.no_grad():

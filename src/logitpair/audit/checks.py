@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from logitpair.attacks.common import model_device
 from logitpair.audit.docs import CHECK_NAMES
 from logitpair.errors import ConfigError
 from logitpair.evaluation.protocol import run_protocol
@@ -458,7 +459,7 @@ def _check_gap(r: _Runner) -> Check:
 
 
 def _check_deterministic(r: _Runner) -> Check:
-    model, xb = r.model, r.x[:256]
+    model, xb = r.model, r.x[:256].to(model_device(r.model))
     k = min(8, len(xb))
     with torch.no_grad():
         z1, z2 = model(xb).nan_to_num(), model(xb).nan_to_num()
@@ -491,15 +492,17 @@ def _check_deterministic(r: _Runner) -> Check:
 
 
 def _input_grads(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-    """Logits and d CE / d x, in batches (eval mode, frozen parameters)."""
+    """Logits and d CE / d x, in batches (eval mode, frozen parameters), computed on the model's
+    device and returned on ``x``'s."""
     logits, grads = [], []
+    dev = model_device(model)
     with attack_context(model):
         for i in range(0, len(x), batch):
-            xb = x[i : i + batch].detach().requires_grad_(True)
+            xb = x[i : i + batch].to(dev).detach().requires_grad_(True)
             z = model(xb)
-            (g,) = torch.autograd.grad(F.cross_entropy(z, y[i : i + batch], reduction="sum"), xb)
-            logits.append(z.detach())
-            grads.append(g.detach())
+            (g,) = torch.autograd.grad(F.cross_entropy(z, y[i : i + batch].to(dev), reduction="sum"), xb)
+            logits.append(z.detach().to(x.device))
+            grads.append(g.detach().to(x.device))
     return torch.cat(logits), torch.cat(grads)
 
 
@@ -553,6 +556,7 @@ def _loss_surfaces(r: _Runner) -> list[dict[str, Any]]:
     if len(idx) == 0:
         return []
     gen = torch.Generator(device=x.device).manual_seed(r.seed + 1)
+    dev = model_device(r.model)
     _, grads = _input_grads(r.model, x[idx], y[idx], s.batch_size)
     span = s.surface_range * max(r.threat.eps, 1e-3)
     ticks = torch.linspace(-span, span, s.surface_grid, device=x.device, dtype=x.dtype)
@@ -563,7 +567,10 @@ def _loss_surfaces(r: _Runner) -> list[dict[str, Any]]:
             rand = torch.randint(0, 2, grads[j].shape, generator=gen, device=x.device).to(x.dtype) * 2 - 1
             pts = (x[i] + a * grads[j].sign() + b * rand).clamp(*r.threat.bounds)
             loss = torch.cat(
-                [F.cross_entropy(r.model(c), y[i].expand(len(c)), reduction="none") for c in pts.split(512)]
+                [
+                    F.cross_entropy(r.model(c.to(dev)), y[i].expand(len(c)).to(dev), reduction="none").cpu()
+                    for c in pts.split(512)
+                ]
             )
             out.append(
                 {
@@ -639,7 +646,10 @@ def audit(
                 stack.enter_context(eval_mode(m))
         if source is not None:
             with torch.no_grad():
-                shapes = tuple(model(x[:1]).shape), tuple(source(x[:1]).shape)
+                shapes = (
+                    tuple(model(x[:1].to(model_device(model))).shape),
+                    tuple(source(x[:1].to(model_device(source))).shape),
+                )
             if shapes[0] != shapes[1]:
                 raise ConfigError(f"audit: the source model's output {shapes[1]} differs from the model's {shapes[0]}")
         r = _Runner(model, x, y, threat, source, seed, s, progress)

@@ -12,6 +12,7 @@ from torch import nn
 from logitpair.audit.checks import AuditSettings, audit
 from logitpair.audit.report import audit_markdown, plot_audit
 from logitpair.checkpoint import load_model
+from logitpair.environment import parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.run import test_points
 from logitpair.io import write_json, write_text
@@ -54,6 +55,7 @@ def audit_run(
     write: bool = True,
     eps: float | None = None,
     settings: AuditSettings | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Audit a run directory on its first ``n`` test points (default 200 with ``quick``, else 500).
 
@@ -65,8 +67,9 @@ def audit_run(
     if n is not None and n < 1:
         raise ConfigError(f"--n: expected >= 1, got {n}")
     run_dir = Path(run_dir)
-    model = load_model(run_dir)
-    src = load_model(source) if source is not None else None
+    dev = parse_device(device)
+    model = load_model(run_dir, device=dev)
+    src = load_model(source, device=dev) if source is not None else None
     threat = Linf(_run_eps(model, eps))
     x, y, dataset = test_points(model, n if n is not None else (200 if quick else 500), data_dir)
     rep = audit(model, x, y, threat=threat, source=src, quick=quick, seed=seed, progress=progress, settings=settings)
@@ -77,6 +80,8 @@ def audit_run(
         "source": None if source is None else str(source),
         "n": len(y),
         "eps": threat.eps,
+        "device": str(dev),
+        "precision": "float32",  # the audit never runs under autocast
         **{k: v for k, v in rep.to_dict().items() if k != "surfaces"},
     }
     out = _jsonable(out)

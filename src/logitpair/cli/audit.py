@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         progress=make_progress(quiet),
         eps=args.eps,
         settings=settings,
+        device=args.device,
     )
     print(json.dumps(doc, indent=2) if args.json else audit_markdown(doc))
     return 0
@@ -74,6 +75,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--step-size", type=fraction, default=None, help="baseline PGD step (default 2.5*eps/steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random start (default 0)")
     p.add_argument("--data-dir", help="override the dataset folder")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N; the audit runs in float32")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of Markdown")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
         targeted=args.targeted, top5=args.top5, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size,
         suite=None if args.suite == "none" else args.suite,
         attacks=tuple(parse_attacks(args.attacks)) if args.attacks else (),
-        save_adversarial=args.save_adversarial, resume=not args.no_resume,
+        save_adversarial=args.save_adversarial, resume=not args.no_resume, device=args.device,
     )  # fmt: skip
     ev = evaluate_run(args.run, opts, source=args.source, progress=make_progress(quiet(args)))
     if args.json:
@@ -57,6 +57,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--data-dir", help="override the dataset folder")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N; attacks run in float32")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from logitpair.attacks import ATTACKS
-from logitpair.attacks.common import predict, random_target
+from logitpair.attacks.common import model_device, predict, random_target
 from logitpair.errors import ConfigError
 from logitpair.evaluation.gates import BatchSignals, has_gates, split_params
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
@@ -147,7 +147,8 @@ def run_protocol(
     n = len(x)
     state_path = Path(state_path) if state_path is not None else None
     fp = _fingerprint(attacks, threat, x, y, model=model, seed=seed, batch_size=batch_size, targeted=targeted, top5=top5,
-                      keep_adversarial=keep_adversarial, transfer=source is not None, source=source)  # fmt: skip
+                      keep_adversarial=keep_adversarial, transfer=source is not None, source=source,
+                      device=str(model_device(model)))  # fmt: skip
     st, done = _load_state(state_path, fp)
     if not st:
         st = {
@@ -163,13 +164,15 @@ def run_protocol(
             st["hit"] = torch.zeros(n, dtype=torch.bool)
         if keep_adversarial:
             st["adv"] = x.detach().cpu().clone()
+    device = model_device(model)
     bar = progress(n, desc)
     bar.update(done)
     for b, start in enumerate(range(0, n, batch_size)):
         stop = min(start + batch_size, n)
         if stop <= done:
             continue
-        _run_batch(model, source, x[start:stop], y[start:stop], attacks, threat, seed, b, start, st, targeted, top5)
+        xb, yb = x[start:stop].to(device), y[start:stop].to(device)
+        _run_batch(model, source, xb, yb, attacks, threat, seed, b, start, st, targeted, top5)
         done = stop
         if state_path is not None:
             _save_state(state_path, st, fp, done)
@@ -196,22 +199,27 @@ def _run_batch(
     targeted: bool,
     top5: bool,
 ) -> None:
-    """Attack one batch in order; write its per-example outcome into ``st`` at ``start``."""
+    """Attack one batch in order; write its per-example outcome into ``st`` at ``start``.
+
+    ``xb``/``yb`` are on the model's device, where the attacks run and their generators live;
+    ``st`` stays on the CPU (written once per batch). Target classes are drawn on the CPU, so
+    they are the same on every device.
+    """
     sl = slice(start, start + len(yb))
+    dev = xb.device
     logits = predict(model, xb)
     r1 = topk_correct(logits, yb, 1)
-    st["clean1"][sl] = r1
-    r1 = r1.clone()
+    st["clean1"][sl] = r1.cpu()
     r5 = None
     if top5:
         r5 = topk_correct(logits, yb, 5)
-        st["clean5"][sl] = r5
-        r5 = r5.clone()
-    tb = None
+        st["clean5"][sl] = r5.cpu()
+    tb = hit = None
     if targeted:
-        tb = random_target(yb, logits.shape[1], torch.Generator().manual_seed(_seed_for(seed, -1, b)))
+        tb = random_target(yb.cpu(), logits.shape[1], torch.Generator().manual_seed(_seed_for(seed, -1, b)))
         st["target"][sl] = tb
-    broken = st["broken_by"][sl]
+        tb, hit = tb.to(dev), st["hit"][sl].to(dev)
+    broken = st["broken_by"][sl].to(dev)
     signals = BatchSignals.start(logits, yb) if has_gates(attacks) else None  # gated suites only (gates.py)
     for i, spec in enumerate(attacks):
         idx = (r5 if r5 is not None else r1).nonzero().flatten()
@@ -225,7 +233,7 @@ def _run_batch(
                 continue
         if tb is not None:
             kwargs.update(targeted=True, target=tb[idx])
-        gen = torch.Generator().manual_seed(_seed_for(seed, i, b))
+        gen = torch.Generator(device=dev).manual_seed(_seed_for(seed, i, b))
         attacker = source if spec.transfer else model
         xa = ATTACKS.get(spec.name)(attacker, xb[idx], yb[idx], threat=threat, generator=gen, **kwargs)
         if not bool(threat.contains(xb[idx], xa).all()):
@@ -236,18 +244,20 @@ def _run_batch(
         broken[idx[newly]] = i
         if "adv" in st:
             take = newly | (r1[idx] & ok1)  # the breaking example, else the latest attempt
-            st["adv"][start + idx[take]] = xa[take].to(st["adv"].dtype)
+            st["adv"][start + idx[take].cpu()] = xa[take].to("cpu", st["adv"].dtype)
         if signals is not None:
             signals.update(spec.name, idx, adv_logits, yb[idx], newly)
         r1[idx] &= ok1
         if r5 is not None:
             r5[idx] &= topk_correct(adv_logits, yb[idx], 5)
-        if tb is not None:
-            st["hit"][start + idx] |= adv_logits.argmax(1) == tb[idx]
-    st["broken_by"][sl] = broken
-    st["robust1"][sl] = r1
+        if hit is not None:
+            hit[idx] |= adv_logits.argmax(1) == tb[idx]
+    st["broken_by"][sl] = broken.cpu()
+    st["robust1"][sl] = r1.cpu()
     if r5 is not None:
-        st["robust5"][sl] = r5
+        st["robust5"][sl] = r5.cpu()
+    if hit is not None:
+        st["hit"][sl] = hit.cpu()
 
 
 def accuracy_vs_eps(

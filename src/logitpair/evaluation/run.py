@@ -24,6 +24,7 @@ from logitpair.attacks import EnsembleLogits
 from logitpair.checkpoint import load_model
 from logitpair.config import DataConfig, build
 from logitpair.data import load_dataset, take
+from logitpair.environment import parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.protocol import ProtocolResult, run_protocol
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
@@ -51,6 +52,7 @@ class EvalOptions:
     attacks: tuple[AttackSpec, ...] = field(default_factory=tuple)  # explicit list, replaces the suite
     save_adversarial: str | None = None  # safetensors file for the adversarial examples
     resume: bool = True  # continue an interrupted evaluation with the same settings
+    device: str = "cpu"  # where the model and the attacks run (cpu | cuda | cuda:N); always float32
 
     def __post_init__(self) -> None:
         if self.n is not None and self.n < 1:
@@ -97,10 +99,10 @@ def source_runs(source: str | Path | Sequence[str | Path]) -> list[str]:
     return parts
 
 
-def load_source(source: str | Path | Sequence[str | Path]) -> nn.Module:
+def load_source(source: str | Path | Sequence[str | Path], device: str | torch.device = "cpu") -> nn.Module:
     """A transfer source model: one run, or several runs attacked as one ensemble
     (:class:`~logitpair.attacks.EnsembleLogits`, the mean of their logits)."""
-    models = [load_model(p) for p in source_runs(source)]
+    models = [load_model(p, device=device) for p in source_runs(source)]
     return models[0] if len(models) == 1 else EnsembleLogits(models)
 
 
@@ -138,8 +140,9 @@ def evaluate_run(
     transfer accuracy, on the first ``opts.n`` test points. Resumable: per-example results
     are saved in ``RUN/eval-state/`` after every batch."""
     run_dir = Path(run_dir)
-    model = load_model(run_dir)
-    src = load_source(source) if source is not None else None  # before any work: a bad source fails fast
+    device = parse_device(opts.device)
+    model = load_model(run_dir, device=device)
+    src = load_source(source, device) if source is not None else None  # before any work: a bad source fails fast
     eps = opts.eps if opts.eps is not None else float(model.meta.get("eps", 0.1))
     threat = Linf(eps)
     x, y, dataset = test_points(model, opts.n, opts.data_dir)
@@ -169,6 +172,8 @@ def evaluate_run(
         "n": len(y),
         "eps": eps,
         "suite": None if opts.attacks else opts.suite,
+        "device": str(device),
+        "precision": "float32",  # attacks and evaluation never run under autocast
         "clean": summary["clean"],
         "pgd": {**summarize(survived_baseline), "attack": baseline.to_dict()},
         "white_box": summary,
@@ -221,7 +226,8 @@ def evaluation_markdown(ev: dict[str, Any]) -> str:
         rows.append([f"black-box: PGD transferred from {src}", pct_ci(bb["robust"]), n])
     text = f"# Evaluation of `{ev['run']}`\n\n"
     text += f"Dataset {ev['dataset']}, method {ev['method']}, L∞ ε = {ev['eps']:g}, first {ev['n']} test points, seed {wb['seed']}"
-    text += f", suite `{ev['suite']}`.\n\n" if ev.get("suite") else ".\n\n"
+    text += f", suite `{ev['suite']}`" if ev.get("suite") else ""
+    text += f"; {ev.get('precision', 'float32')} on {ev.get('device', 'cpu')}.\n\n"
     text += markdown_table(["", "accuracy % [95% CI]", "N"], rows)
     text += "\nAttacks in order (each runs only on the points still robust; a point is robust only if it is "
     text += "correct clean and under every attack):\n\n"
