@@ -41,7 +41,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--eps", type=fraction, default=None, help="L-inf radius (default: the training eps)")
     p.add_argument(
         "--suite", default="standard",
-        help="strong attack suite after the PGD baseline: quick, standard (default), thorough, targeted, pgd40 or none",
+        help="strong attack suite after the PGD baseline: quick, standard (default), fast, thorough, targeted, pgd40 or none",
     )  # fmt: skip
     p.add_argument(
         "--attacks",
