@@ -316,7 +316,8 @@ def make_jpeg_folder(root: Path, classes: int, per_class: int) -> None:
 
 def measure_evaluations(runner: Runner, args: argparse.Namespace, have_aa: bool) -> tuple[dict, dict]:
     """Every evaluation of every ``--models`` run in its own process, ``--jobs`` at a time."""
-    suites = list(dict.fromkeys(args.suites + [args.speedup_suite]))
+    with_speedup = args.speedup_suite != "none"
+    suites = list(dict.fromkeys(args.suites + ([args.speedup_suite] if with_speedup else [])))
     every = f"{args.speedup_suite} (every attack on all points)"
     tasks: dict[tuple[str, str], dict[str, Any]] = {}
     for run in args.models:
@@ -325,7 +326,8 @@ def measure_evaluations(runner: Runner, args: argparse.Namespace, have_aa: bool)
         if have_aa:
             tasks[run, "autoattack"] = {**base, "suite": "autoattack"}
         tasks.update({(run, s): {**base, "suite": s} for s in suites})
-        tasks[run, every] = {**base, "suite": args.speedup_suite, "individual": True}
+        if with_speedup:
+            tasks[run, every] = {**base, "suite": args.speedup_suite, "individual": True}
     res = runner.pool(tasks, args.eval_repeats, args.jobs)
     vs_aa: dict[str, Any] = {}
     speedup: dict[str, Any] = {}
@@ -335,13 +337,18 @@ def measure_evaluations(runner: Runner, args: argparse.Namespace, have_aa: bool)
         entry: dict[str, Any] = {"run": run, "method": meta.get("method"), "model": (meta.get("model") or {}).get("name"),
                                  "n": args.n}  # fmt: skip
         entry["autoattack"] = (
-            eval_entry(res[run, "autoattack"]) if have_aa else "skipped: pyautoattack is not installed"
+            eval_entry(res[run, "autoattack"])
+            if have_aa
+            else "skipped: --no-autoattack"
+            if args.no_autoattack
+            else "skipped: pyautoattack is not installed"
         )
         entry["suites"] = {s: eval_entry(res[run, s]) for s in args.suites}
         entry["targets"] = targets(entry)
         vs_aa[label] = entry
-        speedup[label] = {"suite": args.speedup_suite, **ratio(res[run, every], res[run, args.speedup_suite])}
-    return vs_aa, speedup
+        if with_speedup:
+            speedup[label] = {"suite": args.speedup_suite, **ratio(res[run, every], res[run, args.speedup_suite])}
+    return vs_aa, speedup if with_speedup else "skipped: --speedup-suite none"
 
 
 def run_meta(run: str) -> dict[str, Any]:
@@ -416,7 +423,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5; --quick 2)")
     ap.add_argument("--n", type=int, default=None, help="test points per evaluation (default 1000; --quick 100)")
     ap.add_argument("--suites", nargs="+", default=list(SPEC_SUITES), help="our suites compared with AutoAttack")
-    ap.add_argument("--speedup-suite", default="quick", help="suite of eval_speedup (default quick)")
+    ap.add_argument("--speedup-suite", default="quick", help="suite of eval_speedup (default quick; none: skip)")
+    ap.add_argument("--no-autoattack", action="store_true", help="leave the AutoAttack reference out")
     ap.add_argument("--eval-repeats", type=int, default=1, help="repeats of each evaluation (default 1)")
     ap.add_argument("--jobs", type=int, default=1, help="evaluations running at the same time (default 1)")
     ap.add_argument("--eval-batch", type=int, default=500, help="batch size of the evaluations (ours and AutoAttack)")
@@ -455,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preload()
     runner = Runner(args.threads, args.device)
     have_art = importlib.util.find_spec("art") is not None
-    have_aa = importlib.util.find_spec("pyautoattack") is not None
+    have_aa = importlib.util.find_spec("pyautoattack") is not None and not args.no_autoattack
     t0 = time.perf_counter()
     result: dict[str, Any] = {
         "what": "issue #13 benchmarks: cost ratios, evaluations vs AutoAttack, data throughput",
