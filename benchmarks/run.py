@@ -115,21 +115,28 @@ class Runner:
         if self.log:
             print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
+    def _start(self, name: Any, task: dict[str, Any], out: dict[Any, dict[str, Any]]) -> tuple[Any, Any] | None:
+        """Fork the worker of ``task`` and wait until it is ready; ``out[name]`` gets its ready
+        message. Returns ``(process, connection)``, or None when it failed to start."""
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=worker, args=(child, task, self.threads, self.device), daemon=True)
+        proc.start()
+        child.close()
+        msg = self._recv(parent, proc)
+        out[name] = {"runs": [], **{k: v for k, v in msg.items() if k != "traceback"}}
+        if "error" in msg:
+            self.say(f"{name}: {msg['error']}\n{msg.get('traceback', '')}")
+            proc.join()
+            return None
+        return proc, parent
+
     def group(self, tasks: dict[str, dict[str, Any]], repeats: int) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         live: dict[str, tuple[Any, Any]] = {}
         for name, task in tasks.items():
-            parent, child = self.ctx.Pipe()
-            proc = self.ctx.Process(target=worker, args=(child, task, self.threads, self.device), daemon=True)
-            proc.start()
-            child.close()
-            msg = self._recv(parent, proc)
-            out[name] = {"runs": [], **{k: v for k, v in msg.items() if k != "traceback"}}
-            if "error" in msg:
-                self.say(f"{name}: {msg['error']}\n{msg.get('traceback', '')}")
-                proc.join()
-            else:
-                live[name] = (proc, parent)
+            started = self._start(name, task, out)
+            if started is not None:
+                live[name] = started
         for r in range(repeats):
             for name, (proc, conn) in list(live.items()):
                 self.say(f"{name}: repeat {r + 1}/{repeats}")
@@ -158,16 +165,10 @@ class Runner:
         while todo or live:
             while todo and len(live) < jobs:
                 name, task = todo.pop(0)
-                parent, child = self.ctx.Pipe()
-                proc = self.ctx.Process(target=worker, args=(child, task, self.threads, self.device), daemon=True)
-                proc.start()
-                child.close()
-                msg = self._recv(parent, proc)
-                out[name] = {"runs": [], **{k: v for k, v in msg.items() if k != "traceback"}}
-                if "error" in msg:
-                    self.say(f"{name}: {msg['error']}\n{msg.get('traceback', '')}")
-                    proc.join()
+                started = self._start(name, task, out)
+                if started is None:
                     continue
+                proc, parent = started
                 self.say(f"{name}: started")
                 parent.send("run")
                 live[parent] = (name, proc, repeats - 1)
