@@ -223,12 +223,14 @@ def build_folder(task: dict[str, Any], device: torch.device) -> tuple[Callable[[
 
 # --------------------------------------------------------------------------- evaluation tasks
 def _load_points(task: dict[str, Any], device: torch.device) -> tuple[nn.Module, Tensor, Tensor, float]:
-    import logitpair
+    from _masked import load
+
+    from logitpair.checkpoint import run_eps
     from logitpair.evaluation import test_points
 
-    net = logitpair.load_model(task["run"], device=device)
-    x, y, _ = test_points(net, task["n"], task.get("data_dir"))
-    eps = task.get("eps") or float(net.meta.get("eps", 0.1))
+    net = load(task["run"], device=device)  # a run, or RUN+WRAPPER (_masked.py)
+    x, y, _ = test_points(net, task["n"], task.get("data_dir"), where=task["run"])
+    eps = run_eps(net, task.get("eps"), where=task["run"])
     return net, x.to(device), y.to(device), eps
 
 

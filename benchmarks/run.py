@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _masked import split_name
 from _report import markdown_summary, write_docs
 from _results import write_result
 from _workers import worker
@@ -334,7 +335,8 @@ def measure_evaluations(runner: Runner, args: argparse.Namespace, have_aa: bool)
     speedup: dict[str, Any] = {}
     for run in args.models:
         meta = run_meta(run)
-        label = f"{meta.get('method')} ({Path(run).name})"
+        path, wrapper = split_name(run)
+        label = f"{meta.get('method')} ({Path(path).name}{'+' + wrapper if wrapper else ''})"
         entry: dict[str, Any] = {"run": run, "method": meta.get("method"), "model": (meta.get("model") or {}).get("name"),
                                  "n": args.n}  # fmt: skip
         entry["autoattack"] = (
@@ -357,7 +359,7 @@ def run_meta(run: str) -> dict[str, Any]:
     forking stays safe)."""
     from logitpair.checkpoint import read_model_meta
 
-    path = Path(run) / "model.json"
+    path = Path(split_name(run)[0]) / "model.json"
     return read_model_meta(path) if path.is_file() else {}
 
 
@@ -419,7 +421,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, help="result JSON")
     ap.add_argument("--quick", action="store_true", help="small settings for a smoke test")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--models", nargs="*", default=[], metavar="RUN", help="run directories for vs_autoattack")
+    ap.add_argument(
+        "--models", nargs="*", default=[], metavar="RUN",
+        help="run directories for vs_autoattack; RUN+saturate / RUN+quantize: behind a masking wrapper (_masked.py)",
+    )  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every measurement (default 1)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5; --quick 2)")
     ap.add_argument("--n", type=int, default=None, help="test points per evaluation (default 1000; --quick 100)")

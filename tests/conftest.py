@@ -75,3 +75,26 @@ def trained_model(tiny_data: tuple[torch.Tensor, torch.Tensor]) -> nn.Module:
     acc = (model(x).argmax(1) == y).float().mean()
     assert acc > 0.9, f"fixture model failed to train ({acc:.2f})"
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A run directory: LeNet-5 trained 1 epoch (regular, eps 0.1) on the generated Fashion-MNIST files.
+    Tests that change it work on a copy."""
+    from logitpair.config import make_config
+    from logitpair.training import train
+
+    cfg = make_config(
+        overrides={
+            "model": "lenet5",
+            "method": "regular",
+            "seed": 0,
+            "val_points": 20,
+            "data": {"data_dir": str(data_dir), "val_size": 50},
+            "optim": {"epochs": 1, "batch_size": 50},
+            "loss": {"eps": 0.1},
+        }
+    )
+    out = tmp_path_factory.mktemp("audit") / "run"
+    train(cfg, out)
+    return out

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,27 +236,6 @@ def test_paired_tolerance_rule():
 
 
 # --------------------------------------------------------------------------- run directory + CLI
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    from logitpair.config import make_config
-    from logitpair.training import train
-
-    cfg = make_config(
-        overrides={
-            "model": "lenet5",
-            "method": "regular",
-            "seed": 0,
-            "val_points": 20,
-            "data": {"data_dir": str(data_dir), "val_size": 50},
-            "optim": {"epochs": 1, "batch_size": 50},
-            "loss": {"eps": 0.1},
-        }
-    )
-    out = tmp_path_factory.mktemp("audit") / "run"
-    train(cfg, out)
-    return out
-
-
 def test_audit_run_writes_json_markdown_and_plots(tiny_run):
     doc = audit_run(tiny_run, n=30, settings=SMALL)
     assert doc["verdict"] in ("pass", "suspect") and doc["n"] == 30 and doc["eps"] == pytest.approx(0.1)

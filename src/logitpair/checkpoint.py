@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from logitpair.errors import CheckpointError
+from logitpair.errors import CheckpointError, ConfigError
 from logitpair.io import fsync_dir, sha256_file, write_json, write_text
 
 FORMAT = "logitpair-checkpoint-1"
@@ -325,3 +325,27 @@ def _load_exported(weights: Path, meta_path: Path, device: str | torch.device) -
     load_weights(model, _load_tensors(weights), weights)
     model.meta = meta
     return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------- what a figure depends on
+def run_eps(model: nn.Module, eps: float | None = None, *, where: str = "the model") -> float:
+    """The L-inf radius to evaluate ``model`` at: ``eps`` if given, else the one it was trained
+    for (``model.json`` ``eps``, or ``loss.eps`` of a checkpoint's config). Never a default:
+    a model whose metadata names none is one :class:`ConfigError` naming ``where``."""
+    if eps is not None:
+        return float(eps)
+    meta = getattr(model, "meta", None) or {}
+    found = meta.get("eps", ((meta.get("config") or {}).get("loss") or {}).get("eps"))
+    if found is None:
+        raise ConfigError(f"{where}: its metadata names no training eps; give the eps to evaluate at explicitly")
+    return float(found)
+
+
+def run_dataset(model: nn.Module, *, where: str = "the model") -> str:
+    """The dataset ``model`` was trained on (``model.json`` ``dataset``, or ``data.dataset`` of a
+    checkpoint's config); a model whose metadata names none is one :class:`ConfigError`."""
+    meta = getattr(model, "meta", None) or {}
+    found = meta.get("dataset") or ((meta.get("config") or {}).get("data") or {}).get("dataset")
+    if not found:
+        raise ConfigError(f"{where}: its metadata names no dataset; logitpair does not guess which test set to use")
+    return str(found)

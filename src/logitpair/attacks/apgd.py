@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from logitpair.attacks.common import is_success, loss_grad
+from logitpair.attacks.common import ahead_logit, check_k, is_success, loss_grad
 from logitpair.errors import ConfigError
 from logitpair.modes import attack_context
 from logitpair.threat import Linf
@@ -38,27 +38,39 @@ ApgdLoss = Literal["ce", "dlr", "dlr-targeted"]
 LossFn = Callable[[Tensor], Tensor]
 
 
-def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
+def dlr_loss(logits: Tensor, y: Tensor, k: int = 1) -> Tensor:
     """Difference of Logits Ratio, per example: ``-(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3 + 1e-12)``.
 
-    ``z_pi1 >= z_pi2 >= ...`` are the sorted logits. Needs at least 3 classes.
+    ``z_pi1 >= z_pi2 >= ...`` are the sorted logits. Needs at least 3 classes. With ``k > 1``
+    the numerator is the top-``k`` margin ``z_y - (k-th largest other logit)``
+    (:func:`~logitpair.attacks.common.ahead_logit`), which is negative once ``y`` left the top ``k``,
+    and the denominator ``z_pi1 - z_pi(k+2)`` (the logits the numerator moves stay out of it).
     """
     if logits.shape[1] < 3:
         raise ConfigError(f"the DLR loss needs at least 3 classes, the model has {logits.shape[1]}")
-    top, top_idx = logits.topk(3, dim=1)
     z_y = logits.gather(1, y[:, None]).squeeze(1)
-    max_other = torch.where(top_idx[:, 0] == y, top[:, 1], top[:, 0])
-    return -(z_y - max_other) / (top[:, 0] - top[:, 2] + 1e-12)
+    if k == 1:
+        top, top_idx = logits.topk(3, dim=1)
+        ahead = torch.where(top_idx[:, 0] == y, top[:, 1], top[:, 0])
+        return -(z_y - ahead) / (top[:, 0] - top[:, 2] + 1e-12)
+    top = logits.topk(min(k + 2, logits.shape[1]), dim=1).values
+    return -(z_y - ahead_logit(logits, y, k)) / (top[:, 0] - top[:, -1] + 1e-12)
 
 
-def dlr_targeted_loss(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
-    """Targeted DLR: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``. Needs 4 classes."""
+def dlr_targeted_loss(logits: Tensor, y: Tensor, target: Tensor, k: int = 1) -> Tensor:
+    """Targeted DLR: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``. Needs 4 classes.
+
+    With ``k > 1``, ``z_t`` becomes ``min(z_t, (k-1)-th largest logit of the classes other than y
+    and t)`` (:func:`~logitpair.attacks.common.ahead_logit`): the target and ``k - 1`` other
+    classes must get ahead of ``y`` for it to leave the top ``k``, and the denominator uses
+    ``z_pi(k+2)`` and ``z_pi(k+3)``.
+    """
     if logits.shape[1] < 4:
         raise ConfigError(f"the targeted DLR loss needs at least 4 classes, the model has {logits.shape[1]}")
-    top = logits.topk(4, dim=1).values
+    top = logits.topk(min(k + 3, logits.shape[1]), dim=1).values
     z_y = logits.gather(1, y[:, None]).squeeze(1)
-    z_t = logits.gather(1, target[:, None]).squeeze(1)
-    return -(z_y - z_t) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+    z_t = ahead_logit(logits, y, k, target)
+    return -(z_y - z_t) / (top[:, 0] - 0.5 * (top[:, -2] + top[:, -1]) + 1e-12)
 
 
 def apgd_checkpoints(n_iter: int) -> list[int]:
@@ -203,16 +215,17 @@ def _apgd_run(
     return out_x, out_loss, out_succ
 
 
-def _make_loss(name: str, y: Tensor, target: Tensor | None) -> LossFn:
+def _make_loss(name: str, y: Tensor, target: Tensor | None, k: int = 1) -> LossFn:
     if name == "ce":
         return lambda logits: F.cross_entropy(logits, y, reduction="none")
     if name == "dlr":
-        return lambda logits: dlr_loss(logits, y)
+        return lambda logits: dlr_loss(logits, y, k)
     assert target is not None
-    return lambda logits: dlr_targeted_loss(logits, y, target)
+    return lambda logits: dlr_targeted_loss(logits, y, target, k)
 
 
-def _check(threat: Linf, steps: int, restarts: int, rho: float, momentum: float) -> None:
+def _check(threat: Linf, steps: int, restarts: int, rho: float, momentum: float, k: int = 1) -> None:
+    check_k(k)
     if not isinstance(threat, Linf):
         raise ConfigError(f"APGD here supports the Linf threat model only, got {threat!r}")
     if steps < 1:
@@ -258,6 +271,7 @@ def apgd(
     momentum: float = 0.75,
     generator: torch.Generator | None = None,
     trace: dict[str, Any] | None = None,
+    k: int = 1,
 ) -> Tensor:
     """Auto-PGD (Algorithm 1 of Croce & Hein 2020), L-infinity.
 
@@ -278,26 +292,32 @@ def apgd(
         generator: source of the random starts, for reproducible runs.
         trace: if a dict, each run appends ``{"checkpoints", "step_size", "loss",
             "best_loss", "halved", "index", "target"}`` to ``trace["runs"]`` (for tests and plots).
+        k: top-``k`` success criterion of the untargeted losses: a point counts as broken (and
+            is no longer attacked) only once ``y`` left its ``k`` largest logits; the DLR loss then
+            uses the top-``k`` margin. ``k = 1``: misclassification.
 
-    Returns per example a successful point if one was found (misclassified; for
+    Returns per example a successful point if one was found (``y`` not in the top ``k``; for
     ``"dlr-targeted"``: classified as ``target``), else the highest-loss point seen,
     which is ``x`` itself when no iterate beat it. Examples already successful on ``x``
     are returned unchanged. The model runs in eval mode with frozen parameters; both are
     restored afterwards.
     """
-    _check(threat, steps, restarts, rho, momentum)
+    _check(threat, steps, restarts, rho, momentum, k)
     if loss not in ("ce", "dlr", "dlr-targeted"):
         raise ConfigError(f"loss must be 'ce', 'dlr' or 'dlr-targeted', got {loss!r}")
     if loss == "dlr-targeted" and target is None:
         raise ConfigError("loss='dlr-targeted' needs target= (or use apgd_t)")
     if loss != "dlr-targeted" and target is not None:
         raise ConfigError(f"target given but loss={loss!r} is untargeted")
+    if loss == "dlr-targeted" and k != 1:
+        raise ConfigError("k (top-k success) is for the untargeted losses; 'dlr-targeted' succeeds on the target")
     x = x.detach()
     target = None if target is None else target.to(y.device)
     with attack_context(model):
         with torch.no_grad():
             logits = model(x)
-            best = _Best(x, _make_loss(loss, y, target)(logits), is_success(logits, y, target))
+            check_k(k, logits.shape[1])
+            best = _Best(x, _make_loss(loss, y, target, k)(logits), is_success(logits, y, target, k))
         for _ in range(restarts):
             idx = best.todo()
             if idx.numel() == 0:
@@ -307,8 +327,8 @@ def apgd(
             run = _apgd_run(
                 model,
                 x[idx],
-                _make_loss(loss, yi, t),
-                lambda lg, yi=yi, t=t: is_success(lg, yi, t),
+                _make_loss(loss, yi, t, k),
+                lambda lg, yi=yi, t=t: is_success(lg, yi, t, k),
                 threat,
                 steps,
                 rho,
@@ -333,11 +353,12 @@ def apgd_ce(
     momentum: float = 0.75,
     generator: torch.Generator | None = None,
     trace: dict[str, Any] | None = None,
+    k: int = 1,
 ) -> Tensor:
-    """APGD on the cross-entropy loss (AutoAttack's ``apgd-ce``). See :func:`apgd`."""
+    """APGD on the cross-entropy loss (AutoAttack's ``apgd-ce``); ``k``: top-k success. See :func:`apgd`."""
     return apgd(
         model, x, y, threat=threat, steps=steps, loss="ce", restarts=restarts, rho=rho,
-        momentum=momentum, generator=generator, trace=trace,
+        momentum=momentum, generator=generator, trace=trace, k=k,
     )  # fmt: skip
 
 
@@ -353,11 +374,12 @@ def apgd_dlr(
     momentum: float = 0.75,
     generator: torch.Generator | None = None,
     trace: dict[str, Any] | None = None,
+    k: int = 1,
 ) -> Tensor:
-    """APGD on the (untargeted) DLR loss. Needs at least 3 classes. See :func:`apgd`."""
+    """APGD on the (untargeted) DLR loss. Needs at least 3 classes; ``k``: top-k success. See :func:`apgd`."""
     return apgd(
         model, x, y, threat=threat, steps=steps, loss="dlr", restarts=restarts, rho=rho,
-        momentum=momentum, generator=generator, trace=trace,
+        momentum=momentum, generator=generator, trace=trace, k=k,
     )  # fmt: skip
 
 
@@ -374,6 +396,7 @@ def apgd_t(
     momentum: float = 0.75,
     generator: torch.Generator | None = None,
     trace: dict[str, Any] | None = None,
+    k: int = 1,
 ) -> Tensor:
     """APGD on the targeted DLR loss (AutoAttack's ``apgd-t``). Needs at least 4 classes.
 
@@ -384,8 +407,12 @@ def apgd_t(
     misclassification (robust accuracy): a run succeeds when the prediction leaves ``y``,
     whichever class it lands on. Unbroken examples get their highest-loss point over all
     runs. ``trace`` as in :func:`apgd`.
+
+    ``k > 1`` (top-``k`` success): a run succeeds once ``y`` left the top ``k``, and its loss
+    asks the target *and* ``k - 1`` other classes to get ahead of ``y``
+    (:func:`dlr_targeted_loss`).
     """
-    _check(threat, steps, restarts, rho, momentum)
+    _check(threat, steps, restarts, rho, momentum, k)
     if n_target_classes < 1:
         raise ConfigError(f"n_target_classes must be >= 1, got {n_target_classes}")
     x = x.detach()
@@ -395,10 +422,11 @@ def apgd_t(
         num_classes = logits.shape[1]
         if num_classes < 4:
             raise ConfigError(f"apgd_t needs at least 4 classes, the model has {num_classes}")
+        check_k(k, num_classes)
         order = logits.argsort(dim=1, descending=True)
         others = order[order != y[:, None]].view(len(x), num_classes - 1)  # ranked, y removed
         no_loss = torch.full((len(x),), -float("inf"), device=x.device, dtype=logits.dtype)
-        best = _Best(x, no_loss, is_success(logits, y, None))
+        best = _Best(x, no_loss, is_success(logits, y, None, k))
         for i in range(min(n_target_classes, num_classes - 1)):
             for _ in range(restarts):
                 idx = best.todo()
@@ -408,8 +436,8 @@ def apgd_t(
                 run = _apgd_run(
                     model,
                     x[idx],
-                    _make_loss("dlr-targeted", yi, t),
-                    lambda lg, yi=yi: is_success(lg, yi, None),
+                    _make_loss("dlr-targeted", yi, t, k),
+                    lambda lg, yi=yi: is_success(lg, yi, None, k),
                     threat,
                     steps,
                     rho,

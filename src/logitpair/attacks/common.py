@@ -8,6 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from logitpair.errors import ConfigError
+from logitpair.metrics import topk_correct
+from logitpair.modes import eval_mode
+
 
 def random_target(y: Tensor, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
     """A uniformly random class different from ``y`` for every example.
@@ -26,10 +30,47 @@ def attack_loss(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
     return -F.cross_entropy(logits, target, reduction="none")
 
 
-def is_success(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
-    """Untargeted: prediction differs from ``y``. Targeted: prediction equals the target."""
-    pred = logits.argmax(1)
-    return pred != y if target is None else pred == target
+def is_success(logits: Tensor, y: Tensor, target: Tensor | None, k: int = 1) -> Tensor:
+    """Untargeted: ``y`` is not among the ``k`` largest logits (``k = 1``: the prediction differs
+    from ``y``). Targeted: the prediction equals the target (``k`` plays no part)."""
+    if target is not None:
+        return logits.argmax(1) == target
+    if k == 1:
+        return logits.argmax(1) != y
+    return ~topk_correct(logits, y, k)
+
+
+def check_k(k: int, num_classes: int | None = None) -> None:
+    """The top-``k`` success criterion needs ``1 <= k < num_classes`` (else ``y`` is always in the top k)."""
+    if not (isinstance(k, int) and k >= 1):
+        raise ConfigError(f"k (top-k success) must be an integer >= 1, got {k!r}")
+    if num_classes is not None and k > 1 and k >= num_classes:
+        raise ConfigError(f"k = {k}: the label of a {num_classes}-class model is always among the top {k}")
+
+
+def kth_other(logits: Tensor, y: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
+    """The ``k``-th largest logit among the classes other than ``y`` (and other than ``exclude``)."""
+    masked = logits.scatter(1, y[:, None], -float("inf"))
+    if exclude is not None:
+        masked = masked.scatter(1, exclude[:, None], -float("inf"))
+    return masked.topk(k, dim=1).values[:, k - 1]
+
+
+def ahead_logit(logits: Tensor, y: Tensor, k: int = 1, target: Tensor | None = None) -> Tensor:
+    """The logit that ``z_y`` must fall below for ``y`` to leave the top ``k``.
+
+    Untargeted: the ``k``-th largest logit of the other classes (``k = 1``: the largest).
+    With a ``target`` class ``t``: ``min(z_t, the (k-1)-th largest logit of the classes other
+    than y and t)``, i.e. ``t`` and ``k - 1`` other classes get ahead of ``y`` (``k = 1``: ``z_t``).
+    ``z_y - ahead_logit`` is the top-``k`` margin: negative exactly when ``y`` left the top ``k``
+    (ties aside).
+    """
+    if target is None:
+        return kth_other(logits, y, k)
+    z_t = logits.gather(1, target[:, None]).squeeze(1)
+    if k == 1:
+        return z_t
+    return torch.minimum(z_t, kth_other(logits, y, k - 1, exclude=target))
 
 
 def loss_grad(model: nn.Module, x: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -77,6 +118,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
-    """Logits for ``x`` in chunks, without building a graph."""
-    with torch.no_grad():
+    """Logits for ``x`` in chunks, without building a graph, in eval mode: a model left in train
+    mode is scored with its running statistics (not the batch's) and they are not updated; every
+    submodule's mode is restored afterwards."""
+    with torch.no_grad(), eval_mode(model):
         return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])

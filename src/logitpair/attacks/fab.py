@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from logitpair.attacks.common import loss_grad
+from logitpair.attacks.common import ahead_logit, check_k, is_success, loss_grad
 from logitpair.errors import ConfigError
 from logitpair.modes import attack_context
 from logitpair.threat import Linf
@@ -97,6 +97,21 @@ def _targeted_boundary(model: nn.Module, y: Tensor, t: Tensor) -> BoundaryFn:
     return fn
 
 
+def _topk_boundary(model: nn.Module, y: Tensor, k: int, t: Tensor | None) -> BoundaryFn:
+    """The top-``k`` boundary ``ahead - z_y`` (:func:`~logitpair.attacks.common.ahead_logit`; one
+    forward-backward pass): positive once ``y`` left the top ``k`` (with ``t``: behind ``t`` and
+    ``k - 1`` other classes). Piecewise linear; FAB linearises the piece active at ``x_k``."""
+
+    def margin(logits: Tensor) -> Tensor:
+        return ahead_logit(logits, y, k, t) - logits.gather(1, y[:, None]).squeeze(1)
+
+    def fn(x: Tensor) -> tuple[Tensor, Tensor]:
+        f, _, grad = loss_grad(model, x, margin)
+        return f[:, None], grad.flatten(1)[:, None]
+
+    return fn
+
+
 def _untargeted_boundary(model: nn.Module, y: Tensor) -> BoundaryFn:
     """All boundaries ``z_c - z_y`` (one forward, one backward pass per class); the label's own is +inf."""
 
@@ -127,8 +142,9 @@ def _fab_run(
     alpha_max: float,
     eta: float,
     beta: float,
+    k: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """One FAB run from ``start``: (closest misclassified iterate, its L-inf distance; inf if none)."""
+    """One FAB run from ``start``: (closest successful iterate, its L-inf distance; inf if none)."""
     lo, hi = threat.bounds
     n = len(x0)
     view = (-1,) + (1,) * (x0.dim() - 1)
@@ -153,7 +169,7 @@ def _fab_run(
             alpha = (a_k / (a_k + a_0)).clamp(0.0, alpha_max)[:, None]
             flat_new = ((1 - alpha) * (flat + eta * d_k) + alpha * (flat0 + eta * d_0)).clamp(lo, hi)
             x_k = flat_new.view_as(x0)
-            adv = model(x_k).argmax(1) != y
+            adv = is_success(model(x_k), y, None, k)
             d = (x_k - x0).flatten(1).abs().amax(1)
             closer = adv & (d < best_d)
             best_x = torch.where(closer.view(view), x_k, best_x)
@@ -162,7 +178,8 @@ def _fab_run(
     return best_x, best_d
 
 
-def _check(threat: Linf, steps: int, restarts: int, alpha_max: float, eta: float, beta: float) -> None:
+def _check(threat: Linf, steps: int, restarts: int, alpha_max: float, eta: float, beta: float, k: int = 1) -> None:
+    check_k(k)
     if not isinstance(threat, Linf):
         raise ConfigError(f"FAB here supports the Linf threat model only, got {threat!r}")
     if steps < 1:
@@ -178,24 +195,26 @@ def _check(threat: Linf, steps: int, restarts: int, alpha_max: float, eta: float
 
 
 class _Result:
-    """Per example: the returned point (clean until broken) and whether it is misclassified."""
+    """Per example: the returned point (clean until broken) and whether it is broken (``y`` not in the top ``k``)."""
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, threat: Linf) -> None:
-        self.model, self.x, self.y, self.threat = model, x, y, threat
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, threat: Linf, k: int = 1) -> None:
+        self.model, self.x, self.y, self.threat, self.k = model, x, y, threat, k
         self.out = x.clone()
         with torch.no_grad():
-            self.broken = model(x).argmax(1) != y
+            logits = model(x)
+            check_k(k, logits.shape[1])
+            self.broken = is_success(logits, y, None, k)
 
     def todo(self) -> Tensor:
         """Indices of the examples not broken yet (one host synchronisation)."""
         return (~self.broken).nonzero().squeeze(1)
 
     def merge(self, idx: Tensor, x_adv: Tensor, dist: Tensor) -> None:
-        """Accept the run's points that lie within eps and are misclassified after projection."""
+        """Accept the run's points that lie within eps and are still successful after projection."""
         x = self.x[idx]
         candidate = self.threat.project(x, x_adv)
         with torch.no_grad():
-            ok = (dist <= self.threat.eps) & (self.model(candidate).argmax(1) != self.y[idx])
+            ok = (dist <= self.threat.eps) & is_success(self.model(candidate), self.y[idx], None, self.k)
         view = (-1,) + (1,) * (x.dim() - 1)
         self.out[idx] = torch.where(ok.view(view), candidate, x)
         self.broken[idx] = ok
@@ -224,6 +243,7 @@ def fab_t(
     beta: float = 0.9,
     generator: torch.Generator | None = None,
     target: Tensor | None = None,
+    k: int = 1,
 ) -> Tensor:
     """Targeted FAB, L-infinity (AutoAttack's ``fab-t``; the defaults are its standard settings).
 
@@ -240,11 +260,14 @@ def fab_t(
         restarts: runs per target.
         alpha_max, eta, beta: FAB's bias towards ``x``, overshoot and backward step.
         target: optional ``(N,)`` target classes; then only these are tried (``restarts`` runs).
+        k: top-``k`` success: a point is broken once ``y`` left its ``k`` largest logits; with
+            ``k > 1`` the boundary of target ``t`` is the top-``k`` boundary (``t`` and ``k - 1``
+            other classes ahead of ``y``, :func:`_topk_boundary`).
 
     Returns the closest adversarial point found within eps (projected into the ball), else ``x``.
     The model runs in eval mode with frozen parameters; both are restored afterwards.
     """
-    _check(threat, steps, restarts, alpha_max, eta, beta)
+    _check(threat, steps, restarts, alpha_max, eta, beta, k)
     if n_target_classes < 1:
         raise ConfigError(f"n_target_classes must be >= 1, got {n_target_classes}")
     x = x.detach()
@@ -260,16 +283,16 @@ def fab_t(
             order = logits.argsort(dim=1, descending=True)
             targets = order[order != y[:, None]].view(len(x), num_classes - 1)  # ranked, y removed
             targets = targets[:, : min(n_target_classes, num_classes - 1)]
-        res = _Result(model, x, y, threat)
+        res = _Result(model, x, y, threat, k)
         for i in range(targets.shape[1]):
             for r in range(restarts):
                 idx = res.todo()
                 if idx.numel() == 0:
                     return res.out.detach()
-                xi, yi = x[idx], y[idx]
-                boundary = _targeted_boundary(model, yi, targets[idx, i])
+                xi, yi, ti = x[idx], y[idx], targets[idx, i]
+                boundary = _targeted_boundary(model, yi, ti) if k == 1 else _topk_boundary(model, yi, k, ti)
                 start = _start(xi, r, threat, generator)
-                res.merge(idx, *_fab_run(model, xi, yi, boundary, start, threat, steps, alpha_max, eta, beta))
+                res.merge(idx, *_fab_run(model, xi, yi, boundary, start, threat, steps, alpha_max, eta, beta, k))
     return res.out.detach()
 
 
@@ -285,22 +308,25 @@ def fab(
     eta: float = 1.05,
     beta: float = 0.9,
     generator: torch.Generator | None = None,
+    k: int = 1,
 ) -> Tensor:
     """Untargeted FAB, L-infinity: each step heads for the closest linearised boundary of any class.
 
     Costs one forward and ``num_classes`` backward passes per iteration (use :func:`fab_t`
-    for many classes). Runs, restarts and the returned point as in :func:`fab_t`.
+    for many classes). Runs, restarts and the returned point as in :func:`fab_t`. With
+    ``k > 1`` (top-``k`` success) it heads for the top-``k`` boundary (:func:`_topk_boundary`,
+    one backward pass per iteration).
     """
-    _check(threat, steps, restarts, alpha_max, eta, beta)
+    _check(threat, steps, restarts, alpha_max, eta, beta, k)
     x = x.detach()
     with attack_context(model):
-        res = _Result(model, x, y, threat)
+        res = _Result(model, x, y, threat, k)
         for r in range(restarts):
             idx = res.todo()
             if idx.numel() == 0:
                 break
             xi, yi = x[idx], y[idx]
-            boundary = _untargeted_boundary(model, yi)
+            boundary = _untargeted_boundary(model, yi) if k == 1 else _topk_boundary(model, yi, k, None)
             start = _start(xi, r, threat, generator)
-            res.merge(idx, *_fab_run(model, xi, yi, boundary, start, threat, steps, alpha_max, eta, beta))
+            res.merge(idx, *_fab_run(model, xi, yi, boundary, start, threat, steps, alpha_max, eta, beta, k))
     return res.out.detach()

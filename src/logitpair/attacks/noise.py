@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from logitpair.attacks.common import is_success
+from logitpair.attacks.common import check_k, is_success
 from logitpair.errors import ConfigError
 from logitpair.modes import eval_mode
 from logitpair.threat import Linf
@@ -27,12 +27,14 @@ def random_noise(
     threat: Linf,
     samples: int = 10,
     generator: torch.Generator | None = None,
+    k: int = 1,
 ) -> Tensor:
     """Try ``samples`` random corners ``clip(x +- eps)`` (:meth:`Linf.random_corner`).
 
-    Returns per example a misclassified sample if there is one (the highest-CE one), else
-    the highest-CE sample. Forward passes only, in eval mode (restored afterwards).
+    Returns per example a successful sample if there is one (misclassified; with ``k > 1``:
+    ``y`` not among the ``k`` largest logits; the highest-CE one), else the highest-CE sample. Forward passes only, in eval mode (restored afterwards).
     """
+    check_k(k)
     if samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
     x = x.detach()
@@ -45,7 +47,7 @@ def random_noise(
             candidate = threat.random_corner(x, generator)
             logits = model(candidate)
             loss = F.cross_entropy(logits, y, reduction="none").to(best_loss.dtype)
-            succ = is_success(logits, y, None)
+            succ = is_success(logits, y, None, k)
             better = (succ & ~best_succ) | ((succ == best_succ) & (loss > best_loss))
             best_x = torch.where(better.view(view), candidate, best_x)
             best_loss = torch.where(better, loss, best_loss)

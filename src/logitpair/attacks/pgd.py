@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from logitpair.attacks.common import attack_loss, input_grad, is_success, prepare_target
+from logitpair.attacks.common import attack_loss, check_k, input_grad, is_success, prepare_target
+from logitpair.errors import ConfigError
 from logitpair.modes import attack_context
 from logitpair.threat import Linf
 
@@ -28,6 +29,7 @@ def pgd(
     keep_best: bool = True,
     generator: torch.Generator | None = None,
     init: Tensor | None = None,
+    k: int = 1,
 ) -> Tensor:
     """PGD with random start and restarts; returns the per-example worst case found.
 
@@ -48,6 +50,9 @@ def pgd(
         generator: source of the random starts and random targets, for reproducible runs.
         init: starting point of the first restart (projected into the ball), in place of a
             random start; training losses pass starts keyed per sample this way.
+        k: top-``k`` success (untargeted): an iterate counts as successful only when ``y`` is
+            not among its ``k`` largest logits (``k = 1``: misclassified). The per-example worst
+            case is a successful iterate if any (then the highest-loss one).
 
     The model is run in eval mode with frozen parameters; its mode and ``requires_grad``
     flags are restored afterwards. No host synchronisation happens inside the loop.
@@ -60,6 +65,9 @@ def pgd(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
+    check_k(k)
+    if targeted and k != 1:
+        raise ConfigError("k (top-k success) is for untargeted attacks; a targeted attack succeeds on the target")
     alpha = 2.5 * threat.eps / steps if step_size is None else float(step_size)
     x = x.detach()
     with attack_context(model):
@@ -70,7 +78,7 @@ def pgd(
 
         def consider(candidate: Tensor, loss: Tensor, logits: Tensor) -> None:
             nonlocal best_x, best_loss, best_succ
-            succ = is_success(logits, y, target)
+            succ = is_success(logits, y, target, k)
             better = (succ & ~best_succ) | ((succ == best_succ) & (loss > best_loss))
             best_x = torch.where(better.view(-1, *[1] * (x.dim() - 1)), candidate, best_x)
             best_loss = torch.where(better, loss, best_loss)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from logitpair.attacks.common import is_success, prepare_target
+from logitpair.attacks.common import check_k, is_success, prepare_target
 from logitpair.errors import ConfigError
 from logitpair.modes import eval_mode
 from logitpair.threat import Linf
@@ -36,12 +36,20 @@ def square_p_schedule(i: int, queries: int, p_init: float = 0.8) -> float:
     return p_init / 2**halvings
 
 
-def _square_loss(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
-    """Loss to *minimise*: margin ``z_y - max_{i!=y} z_i`` (untargeted), CE of the target (targeted)."""
+def _square_loss(logits: Tensor, y: Tensor, target: Tensor | None, k: int = 1) -> Tensor:
+    """Loss to *minimise*: margin ``z_y - max_{i!=y} z_i`` (untargeted), CE of the target (targeted).
+
+    With ``k > 1``: ``sum_{j<=k} max(z_y - z_(j), 0)`` over the ``k`` largest other logits ``z_(j)``,
+    zero exactly when ``y`` left the top ``k``. Unlike the top-``k`` margin ``z_y - z_(k)`` alone it
+    has no plateaus: raising any of those classes towards ``z_y`` lowers it, and random search
+    only keeps strict improvements.
+    """
     if target is not None:
         return F.cross_entropy(logits, target, reduction="none")
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], -float("inf"))
+    if k > 1:
+        return (z_y[:, None] - others.topk(k, dim=1).values).clamp_min(0).sum(1)
     return z_y - others.max(1).values
 
 
@@ -59,6 +67,7 @@ def _square_run(
     queries: int,
     p_init: float,
     generator: torch.Generator | None,
+    k: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One run of at most ``queries`` forward passes per example: (point, loss, success)."""
     n, c, h, w = x.shape
@@ -67,8 +76,8 @@ def _square_run(
     stripes = _random_signs((n, c, 1, w), generator, x)
     x_best = threat.project(x, x + eps * stripes)
     logits = model(x_best)
-    loss_best = _square_loss(logits, y, target)
-    succ = is_success(logits, y, target)
+    loss_best = _square_loss(logits, y, target, k)
+    succ = is_success(logits, y, target, k)
     active = (~succ).nonzero().squeeze(1)
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
@@ -89,8 +98,9 @@ def _square_run(
         x_act, best_act = x[active], x_best[active]
         x_new = threat.project(x_act, torch.where(window, best_act + 2.0 * eps * colours, best_act))
         logits = model(x_new)
-        loss = _square_loss(logits, y[active], None if target is None else target[active])
-        new_succ = is_success(logits, y[active], None if target is None else target[active])
+        t_act = None if target is None else target[active]
+        loss = _square_loss(logits, y[active], t_act, k)
+        new_succ = is_success(logits, y[active], t_act, k)
         improved = (loss < loss_best[active]) | new_succ
         x_best[active] = torch.where(improved[:, None, None, None], x_new, best_act)
         loss_best[active] = torch.where(improved, loss, loss_best[active])
@@ -111,6 +121,7 @@ def square(
     targeted: bool = False,
     target: Tensor | None = None,
     generator: torch.Generator | None = None,
+    k: int = 1,
 ) -> Tensor:
     """Square Attack (Algorithms 1 and 2 of Andriushchenko et al. 2020), L-infinity.
 
@@ -126,8 +137,10 @@ def square(
         targeted: minimise the cross-entropy of ``target`` (a random other class when
             None) instead of the margin loss.
         generator: source of all randomness, for reproducible runs.
+        k: top-``k`` success (untargeted): a point is broken only once ``y`` left its ``k``
+            largest logits, with the loss of :func:`_square_loss` (``k = 1``: misclassification).
 
-    Returns per example a successful point (misclassified, or classified as the target) if
+    Returns per example a successful point (``y`` not in the top ``k``, or classified as the target) if
     one was found, else the lowest-loss point. Examples already successful on ``x`` are
     returned unchanged. The model runs in eval mode (restored afterwards) and is never
     differentiated.
@@ -142,19 +155,23 @@ def square(
         raise ConfigError(f"restarts must be >= 1, got {restarts}")
     if not 0.0 < p_init <= 1.0:
         raise ConfigError(f"p_init must be in (0, 1], got {p_init}")
+    check_k(k)
+    if targeted and k != 1:
+        raise ConfigError("k (top-k success) is for untargeted attacks; a targeted attack succeeds on the target")
     x = x.detach()
     with eval_mode(model), torch.no_grad():
         target = prepare_target(model, x, y, targeted, target, generator)
         logits = model(x)
+        check_k(k, logits.shape[1])
         best_x = x.clone()
-        best_loss = _square_loss(logits, y, target)
-        best_succ = is_success(logits, y, target)
+        best_loss = _square_loss(logits, y, target, k)
+        best_succ = is_success(logits, y, target, k)
         for _ in range(restarts):
             idx = (~best_succ).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
             t = None if target is None else target[idx]
-            run = _square_run(model, x[idx], y[idx], t, threat, queries, p_init, generator)
+            run = _square_run(model, x[idx], y[idx], t, threat, queries, p_init, generator, k)
             run_x, run_loss, run_succ = run
             better = run_succ | (run_loss < best_loss[idx])
             best_x[idx] = torch.where(better[:, None, None, None], run_x, best_x[idx])

@@ -7,11 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from logitpair.audit.checks import AuditSettings, audit
 from logitpair.audit.report import audit_markdown, plot_audit
-from logitpair.checkpoint import load_model
+from logitpair.checkpoint import load_model, run_eps
 from logitpair.environment import parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.run import test_points
@@ -29,18 +27,6 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     return obj
-
-
-def _run_eps(model: nn.Module, eps: float | None) -> float:
-    if eps is not None:
-        return float(eps)
-    meta = getattr(model, "meta", {}) or {}
-    if meta.get("eps") is not None:
-        return float(meta["eps"])
-    loss = (meta.get("config") or {}).get("loss") or {}
-    if loss.get("eps") is not None:
-        return float(loss["eps"])
-    raise ConfigError("audit: the model's metadata names no eps; pass eps explicitly")
 
 
 def audit_run(
@@ -70,8 +56,8 @@ def audit_run(
     dev = parse_device(device)
     model = load_model(run_dir, device=dev)
     src = load_model(source, device=dev) if source is not None else None
-    threat = Linf(_run_eps(model, eps))
-    x, y, dataset = test_points(model, n if n is not None else (200 if quick else 500), data_dir)
+    threat = Linf(run_eps(model, eps, where=str(run_dir)))
+    x, y, dataset = test_points(model, n if n is not None else (200 if quick else 500), data_dir, where=str(run_dir))
     rep = audit(model, x, y, threat=threat, source=src, quick=quick, seed=seed, progress=progress, settings=settings)
     out: dict[str, Any] = {
         "run": str(run_dir),

@@ -131,8 +131,13 @@ def run_protocol(
 
     ``targeted``: draw one random target class per point (seeded), different from the
     label, and pass it to every attack as ``targeted=True, target=...``; the target
-    success rate is reported next to accuracy. ``top5``: also track top-5 robustness
-    (attacks then also run on points that are top-5 but not top-1 robust).
+    success rate (points classified as their target, at the clean point or under some attack,
+    over all N) is reported next to accuracy. Every attack runs on every point not yet at its
+    target (and on the points still correct): a point whose label an earlier attack pushed out
+    without reaching the target is attacked again. ``top5``: also track top-5 robustness; untargeted,
+    each attack then runs a second time, with top-5 success (``k=5``), on the points whose label
+    left the top 1 but not the top 5, so none is dropped at its first top-1 success. The top-1
+    figures are those of the protocol without ``top5``.
     Randomness comes from generators seeded by ``(seed, attack index, batch index)``, so
     a batch's outcome does not depend on the batches before it. With ``state_path`` the
     per-example results are saved after every batch and a rerun with the same settings
@@ -141,7 +146,7 @@ def run_protocol(
     if any(a.transfer for a in attacks) and source is None:
         raise ValueError("a transfer attack needs a source model")
     if targeted:
-        unsupported = [a.label for a in attacks if "targeted" not in inspect.signature(ATTACKS.get(a.name)).parameters]
+        unsupported = [a.label for a in attacks if not takes(a.name, "targeted")]
         if unsupported:
             raise ConfigError(f"targeted evaluation: attacks {', '.join(unsupported)} have no targeted mode")
     n = len(x)
@@ -185,6 +190,120 @@ def run_protocol(
     )  # fmt: skip
 
 
+def takes(name: str, option: str) -> bool:
+    """Whether the registered attack ``name`` accepts the keyword ``option`` (``targeted``, ``k``)."""
+    return option in inspect.signature(ATTACKS.get(name)).parameters
+
+
+@dataclass
+class _Batch:
+    """One protocol batch on the model's device: the points and their per-example state.
+
+    ``r1``/``r5``: still top-1/top-5 correct under every attack so far; ``broken``: index of the
+    attack that first broke top-1 (-1: none); ``target``/``hit``: the targeted protocol's
+    classes and whether the prediction became the target (at the clean point or under an attack).
+    """
+
+    x: Tensor
+    y: Tensor
+    r1: Tensor
+    broken: Tensor
+    r5: Tensor | None = None
+    target: Tensor | None = None
+    hit: Tensor | None = None
+    signals: BatchSignals | None = None
+
+    def passes(self, num_classes: int) -> list[int]:
+        """The top-``k`` criteria each attack runs with: 1, and 5 for untargeted top-5 tracking."""
+        if self.r5 is not None and self.target is None and num_classes > 5:
+            return [1, 5]
+        return [1]
+
+    def pool(self, k: int) -> Tensor:
+        """Indices of the points the pass with top-``k`` success attacks.
+
+        Untargeted, ``k = 1``: the points still top-1 correct. ``k = 5``: the points top-1 broken
+        (or wrong clean) whose label is still in the top 5 -- they are attacked until it leaves the
+        top 5, not dropped at the first top-1 success. Targeted: every point not yet classified as
+        its target (or still correct): an attack keeps trying to reach the target.
+        """
+        if self.target is not None:
+            assert self.hit is not None
+            still = self.r5 if self.r5 is not None else self.r1
+            return (~self.hit | still).nonzero().flatten()
+        if k == 1:
+            return self.r1.nonzero().flatten()
+        assert self.r5 is not None
+        return (self.r5 & ~self.r1).nonzero().flatten()
+
+    def record(
+        self, i: int, k: int, name: str, idx: Tensor, adv_logits: Tensor, xa: Tensor, adv: Tensor | None, start: int
+    ) -> None:
+        """Fold attack ``i``'s outcome on the points ``idx`` (pass ``k``) into the state."""
+        y = self.y[idx]
+        ok1 = topk_correct(adv_logits, y, 1)
+        newly = self.r1[idx] & ~ok1
+        self.broken[idx[newly]] = i
+        if adv is not None and k == 1:
+            take = newly | (self.r1[idx] & ok1)  # the breaking example, else the latest attempt
+            adv[start + idx[take].cpu()] = xa[take].to("cpu", adv.dtype)
+        if self.signals is not None and k == 1:
+            self.signals.update(name, idx, adv_logits, y, newly)
+        self.r1[idx] &= ok1
+        if self.r5 is not None:
+            self.r5[idx] &= topk_correct(adv_logits, y, 5)
+        if self.hit is not None and self.target is not None:
+            self.hit[idx] |= adv_logits.argmax(1) == self.target[idx]
+
+
+def _start_batch(
+    model: nn.Module, xb: Tensor, yb: Tensor, sl: slice, st: dict[str, Tensor], attacks: list[AttackSpec],
+    seed: int, b: int, targeted: bool, top5: bool,
+) -> tuple[_Batch, int]:  # fmt: skip
+    """Clean predictions of one batch into ``st`` and the batch's starting state (and the class count)."""
+    dev = xb.device
+    logits = predict(model, xb)
+    r1 = topk_correct(logits, yb, 1)
+    st["clean1"][sl] = r1.cpu()
+    batch = _Batch(xb, yb, r1, st["broken_by"][sl].to(dev))
+    if top5:
+        batch.r5 = topk_correct(logits, yb, 5)
+        st["clean5"][sl] = batch.r5.cpu()
+    if targeted:
+        tb = random_target(yb.cpu(), logits.shape[1], torch.Generator().manual_seed(_seed_for(seed, -1, b)))
+        st["target"][sl] = tb
+        batch.target = tb.to(dev)
+        batch.hit = logits.argmax(1) == batch.target  # already classified as the target: nothing to attack
+    if has_gates(attacks):  # gated suites only (gates.py)
+        batch.signals = BatchSignals.start(logits, yb)
+    return batch, logits.shape[1]
+
+
+def _attack_pass(
+    model: nn.Module, source: nn.Module | None, batch: _Batch, spec: AttackSpec, i: int, k: int, threat: Linf,
+    seed_parts: tuple[int, ...], st: dict[str, Tensor], start: int,
+) -> None:  # fmt: skip
+    """Attack ``i`` with top-``k`` success on the batch's pool for ``k`` (after its gate, if any)."""
+    idx = batch.pool(k)
+    kwargs = dict(spec.params)
+    if batch.signals is not None:
+        kwargs, gate = split_params(kwargs)
+        idx = batch.signals.select(gate, idx)
+    if len(idx) == 0:
+        return
+    if batch.target is not None:
+        kwargs.update(targeted=True, target=batch.target[idx])
+    if k > 1 and takes(spec.name, "k"):
+        kwargs["k"] = k
+    xb, yb = batch.x[idx], batch.y[idx]
+    gen = torch.Generator(device=xb.device).manual_seed(_seed_for(*seed_parts))
+    attacker = source if spec.transfer else model
+    xa = ATTACKS.get(spec.name)(attacker, xb, yb, threat=threat, generator=gen, **kwargs)
+    if not bool(threat.contains(xb, xa).all()):
+        raise RuntimeError(f"attack {spec.label} left the threat model")
+    batch.record(i, k, spec.name, idx, predict(model, xa), xa, st.get("adv"), start)
+
+
 def _run_batch(
     model: nn.Module,
     source: nn.Module | None,
@@ -203,61 +322,27 @@ def _run_batch(
 
     ``xb``/``yb`` are on the model's device, where the attacks run and their generators live;
     ``st`` stays on the CPU (written once per batch). Target classes are drawn on the CPU, so
-    they are the same on every device.
+    they are the same on every device. With untargeted top-5 tracking every attack runs twice:
+    with top-1 success on the top-1 correct points (exactly the top-1-only protocol), then with
+    top-5 success (``k=5``, where the attack takes it) on the points whose label is still in the
+    top 5 although top-1 is broken.
     """
     sl = slice(start, start + len(yb))
-    dev = xb.device
-    logits = predict(model, xb)
-    r1 = topk_correct(logits, yb, 1)
-    st["clean1"][sl] = r1.cpu()
-    r5 = None
-    if top5:
-        r5 = topk_correct(logits, yb, 5)
-        st["clean5"][sl] = r5.cpu()
-    tb = hit = None
-    if targeted:
-        tb = random_target(yb.cpu(), logits.shape[1], torch.Generator().manual_seed(_seed_for(seed, -1, b)))
-        st["target"][sl] = tb
-        tb, hit = tb.to(dev), st["hit"][sl].to(dev)
-    broken = st["broken_by"][sl].to(dev)
-    signals = BatchSignals.start(logits, yb) if has_gates(attacks) else None  # gated suites only (gates.py)
+    batch, num_classes = _start_batch(model, xb, yb, sl, st, attacks, seed, b, targeted, top5)
     for i, spec in enumerate(attacks):
-        idx = (r5 if r5 is not None else r1).nonzero().flatten()
-        if len(idx) == 0:
+        ks = batch.passes(num_classes)
+        if not any(len(batch.pool(k)) for k in ks):
             break
-        kwargs = dict(spec.params)
-        if signals is not None:
-            kwargs, gate = split_params(kwargs)
-            idx = signals.select(gate, idx)
-            if len(idx) == 0:
-                continue
-        if tb is not None:
-            kwargs.update(targeted=True, target=tb[idx])
-        gen = torch.Generator(device=dev).manual_seed(_seed_for(seed, i, b))
-        attacker = source if spec.transfer else model
-        xa = ATTACKS.get(spec.name)(attacker, xb[idx], yb[idx], threat=threat, generator=gen, **kwargs)
-        if not bool(threat.contains(xb[idx], xa).all()):
-            raise RuntimeError(f"attack {spec.label} left the threat model")
-        adv_logits = predict(model, xa)
-        ok1 = topk_correct(adv_logits, yb[idx], 1)
-        newly = r1[idx] & ~ok1
-        broken[idx[newly]] = i
-        if "adv" in st:
-            take = newly | (r1[idx] & ok1)  # the breaking example, else the latest attempt
-            st["adv"][start + idx[take].cpu()] = xa[take].to("cpu", st["adv"].dtype)
-        if signals is not None:
-            signals.update(spec.name, idx, adv_logits, yb[idx], newly)
-        r1[idx] &= ok1
-        if r5 is not None:
-            r5[idx] &= topk_correct(adv_logits, yb[idx], 5)
-        if hit is not None:
-            hit[idx] |= adv_logits.argmax(1) == tb[idx]
-    st["broken_by"][sl] = broken.cpu()
-    st["robust1"][sl] = r1.cpu()
-    if r5 is not None:
-        st["robust5"][sl] = r5.cpu()
-    if hit is not None:
-        st["hit"][sl] = hit.cpu()
+        for k in ks:  # the pool of a later pass is taken after the earlier pass of the same attack
+            _attack_pass(
+                model, source, batch, spec, i, k, threat, (seed, i, b) if k == 1 else (seed, i, b, k), st, start
+            )
+    st["broken_by"][sl] = batch.broken.cpu()
+    st["robust1"][sl] = batch.r1.cpu()
+    if batch.r5 is not None:
+        st["robust5"][sl] = batch.r5.cpu()
+    if batch.hit is not None:
+        st["hit"][sl] = batch.hit.cpu()
 
 
 def accuracy_vs_eps(

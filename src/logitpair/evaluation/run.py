@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from logitpair.attacks import EnsembleLogits
-from logitpair.checkpoint import load_model
+from logitpair.checkpoint import load_model, run_dataset, run_eps
 from logitpair.config import DataConfig, build
 from logitpair.data import load_dataset, take
 from logitpair.environment import parse_device
@@ -69,7 +69,9 @@ class EvalOptions:
             raise ConfigError(f"--batch-size: expected >= 1, got {self.batch_size}")
 
 
-def test_points(model: nn.Module, n: int | None, data_dir: str | None) -> tuple[Tensor, Tensor, str]:
+def test_points(
+    model: nn.Module, n: int | None, data_dir: str | None, where: str = "the model"
+) -> tuple[Tensor, Tensor, str]:
     """The first ``n`` test points (all if None) of the dataset the model was trained on, as
     ``(x, y, dataset)`` tensors with the evaluation transform. The dataset options of the run's
     config (``image_size``, ``skip_bad``) and its decoding ``workers`` are used, so a folder
@@ -77,7 +79,7 @@ def test_points(model: nn.Module, n: int | None, data_dir: str | None) -> tuple[
     meta = getattr(model, "meta", None) or {}
     cfg = meta.get("config") or {}
     data = cfg.get("data") or {}
-    dataset = meta.get("dataset") or data.get("dataset", "fashion-mnist")
+    dataset = run_dataset(model, where=where)
     known = {f.name for f in dataclasses.fields(DataConfig)}
     dcfg = build(DataConfig, {k: v for k, v in data.items() if k in known})
     splits = load_dataset(dataset, data_dir or dcfg.data_dir, val_size=0, **dcfg.options())
@@ -143,9 +145,9 @@ def evaluate_run(
     device = parse_device(opts.device)
     model = load_model(run_dir, device=device)
     src = load_source(source, device) if source is not None else None  # before any work: a bad source fails fast
-    eps = opts.eps if opts.eps is not None else float(model.meta.get("eps", 0.1))
+    eps = run_eps(model, opts.eps, where=str(run_dir))
     threat = Linf(eps)
-    x, y, dataset = test_points(model, opts.n, opts.data_dir)
+    x, y, dataset = test_points(model, opts.n, opts.data_dir, where=str(run_dir))
     baseline = pgd_spec(opts.steps, opts.restarts, opts.step_size)
     white = [baseline, *strong_attacks(opts)]
     state_dir = run_dir / "eval-state" if (write and opts.resume and run_dir.is_dir()) else None

@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from logitpair.attacks import ATTACKS, EnsembleLogits, predict
-from logitpair.checkpoint import load_model
+from logitpair.checkpoint import load_model, run_dataset, run_eps
 from logitpair.errors import ConfigError, LogitpairError
 from logitpair.evaluation.protocol import run_protocol
 from logitpair.evaluation.run import test_points, weights_digest
@@ -294,18 +294,6 @@ class TransferOptions:
             raise ConfigError(f"--batch-size: expected >= 1, got {self.batch_size}")
 
 
-def _dataset_of(model: nn.Module) -> str:
-    meta = getattr(model, "meta", None) or {}
-    cfg = meta.get("config") or {}
-    return meta.get("dataset") or cfg.get("data", {}).get("dataset", "fashion-mnist")
-
-
-def _eps_of(model: nn.Module) -> float | None:
-    meta = getattr(model, "meta", None) or {}
-    eps = meta.get("eps", ((meta.get("config") or {}).get("loss") or {}).get("eps"))
-    return None if eps is None else float(eps)
-
-
 def _names(paths: Sequence[str]) -> list[str]:
     """Short display names: the directory name, the full path where two would collide."""
     short = [Path(p).resolve().name or str(p) for p in paths]
@@ -313,16 +301,13 @@ def _names(paths: Sequence[str]) -> list[str]:
 
 
 def _check_common(models: Mapping[str, nn.Module], everything: Mapping[str, nn.Module], eps: float | None) -> float:
-    datasets = {name: _dataset_of(m) for name, m in everything.items()}
+    datasets = {name: run_dataset(m, where=f"run {name}") for name, m in everything.items()}
     if len(set(datasets.values())) > 1:
         shown = ", ".join(f"{k}: {v}" for k, v in datasets.items())
         raise ConfigError(f"the runs use different datasets ({shown}); a transfer study needs one test set")
     if eps is not None:
         return eps
-    found = {name: _eps_of(m) for name, m in models.items()}
-    missing = [k for k, v in found.items() if v is None]
-    if missing:
-        raise ConfigError(f"run(s) {', '.join(missing)} record no training eps; pass --eps")
+    found = {name: run_eps(m, where=f"run {name}") for name, m in models.items()}
     values = list(found.values())
     if any(not math.isclose(v, values[0], rel_tol=1e-9, abs_tol=1e-12) for v in values):
         shown = ", ".join(f"{k}: {v:g}" for k, v in found.items())
