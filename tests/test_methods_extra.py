@@ -19,6 +19,7 @@ from logitpair.methods import METHODS, BatchContext, MethodConfig, kurakin, mixu
 from logitpair.methods.context import NOISE
 from logitpair.methods.crafting import craft, fgsm_rs, fgsm_rs_start
 from logitpair.methods.vat import kl_logit_gradient, l2_unit, vat_perturbation
+from logitpair.models import create_model
 from logitpair.pairing import DISTANCES, pair_distance
 from logitpair.threat import Linf
 
@@ -314,6 +315,37 @@ def test_vat_direction_on_confident_points_in_float32():
     r = vat_perturbation(model, x, MethodConfig(vat_xi=1e-3), ctx)
     cosine = F.cosine_similarity(r.flatten(1).double(), exact.flatten(1), dim=1)
     assert (cosine > 0.999).all(), cosine
+
+
+def test_vat_default_xi_recovers_the_direction_in_float32():
+    """In float32 the default xi gives the exact float64 direction on every example; Miyato et al.'s
+    xi = 1e-6 does not (x + xi d mostly rounds back to x)."""
+    torch.manual_seed(0)
+    model = create_model("lenet5", num_classes=10).eval()
+    model64 = copy.deepcopy(model).double()
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # Fashion-MNIST-shaped, [0, 1]
+    ctx = BatchContext(indices=torch.arange(8), noise_key=7)  # keyed draws: the same d in float32 and float64
+    exact = exact_vat_direction(model64, x.double(), l2_unit(ctx.normal(x.double(), NOISE)))
+
+    def cosine(cfg: MethodConfig) -> torch.Tensor:
+        r = vat_perturbation(model, x, cfg, ctx)
+        assert r.dtype == torch.float32
+        return F.cosine_similarity(r.flatten(1).double(), exact.flatten(1), dim=1)
+
+    default = cosine(MethodConfig())
+    assert (default > 0.99).all(), default
+    paper = cosine(MethodConfig(vat_xi=1e-6))
+    assert paper.min() < 0.5, paper
+
+
+def test_vat_xi_of_miyato_et_al_stays_available():
+    from logitpair.cli.main import build_parser
+    from logitpair.cli.train import overrides
+    from logitpair.config import make_config
+
+    args = build_parser().parse_args(["train", "--method", "vat", "--vat-xi", "1e-6", "--out", "unused"])
+    assert make_config(None, overrides(args)).loss.vat_xi == 1e-6
+    assert make_config(None, {"method": "vat"}).loss.vat_xi == MethodConfig().vat_xi == 1e-3
 
 
 # ---------------------------------------------------------------- pairing distances
