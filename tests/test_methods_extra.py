@@ -299,6 +299,10 @@ def test_kl_logit_gradient_is_the_kl_gradient():
     (autograd,) = torch.autograd.grad(pair_distance(target, z, "kl", "sum"), z)
     assert torch.allclose(kl_logit_gradient(target, logits), autograd, atol=1e-12)
     assert torch.allclose(kl_logit_gradient(target, logits), logits.softmax(1) - target.softmax(1), atol=1e-12)
+    jump = target.float().clone()
+    jump[:, 3] += 200.0  # overflows expm1 in float32: the plain difference, still finite
+    plain = jump.softmax(1) - target.float().softmax(1)
+    assert torch.allclose(kl_logit_gradient(target.float(), jump), plain) and torch.isfinite(plain).all()
 
 
 def test_vat_direction_on_confident_points_in_float32():

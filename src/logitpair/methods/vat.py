@@ -68,14 +68,17 @@ def kl_logit_gradient(target: Tensor, logits: Tensor) -> Tensor:
     ``sum_i KL(p_i || q_i)`` in ``logits``, computed from the logit change ``dz = logits - target``
     without cancellation: ``q_k - p_k = p_k expm1(dz_k - log1p(sum_j p_j expm1(dz_j)))``, and the
     class where ``p`` is largest as minus the sum of the others, so a confident ``p`` (top class
-    within float32 rounding of 1) keeps its signal."""
+    within float32 rounding of 1) keeps its signal. Rows where this overflows (logit changes of
+    about 80 or more) fall back to ``softmax(logits) - p``."""
     p = F.softmax(target, dim=1)
     dz = logits - target
-    delta = dz - torch.log1p((p * torch.expm1(dz)).sum(dim=1, keepdim=True))
-    diff = p * torch.expm1(delta)
+    total = (p * torch.expm1(dz)).sum(dim=1, keepdim=True)  # Z(logits) / Z(target) - 1
+    diff = p * torch.expm1(dz - torch.log1p(total))
     top = p.argmax(dim=1, keepdim=True)
     diff = diff.scatter(1, top, 0.0)
-    return diff.scatter(1, top, -diff.sum(dim=1, keepdim=True))
+    diff = diff.scatter(1, top, -diff.sum(dim=1, keepdim=True))
+    finite = torch.isfinite(total) & torch.isfinite(diff).all(dim=1, keepdim=True)
+    return torch.where(finite, diff, F.softmax(logits, dim=1) - p)
 
 
 def vat_perturbation(model: nn.Module, x: Tensor, cfg: MethodConfig, ctx: BatchContext) -> Tensor:
