@@ -135,7 +135,7 @@ def evaluate_run(
     progress: ProgressFactory = null_progress,
     write: bool = True,
 ) -> dict[str, Any]:
-    """Clean accuracy, the paper-style PGD baseline, the worst case over the baseline and the
+    """Clean accuracy, our PGD baseline (not the paper's attack), the worst case over the baseline and the
     strong suite (each attack only on points still robust) and, with ``source``, black-box
     transfer accuracy, on the first ``opts.n`` test points. Resumable: per-example results
     are saved in ``RUN/eval-state/`` after every batch."""
