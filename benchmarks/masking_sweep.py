@@ -1,7 +1,8 @@
 """How much does the PGD-40 baseline overstate robustness? (the Mosbach et al. 2018 check)
 
 For each run directory and each eps, on the same first N test points (one seed):
-- ``paper_pgd40``: the paper's own MNIST attack, PGD 40 steps of eps/30 from one random start;
+- ``paper_pgd40``: the paper's own MNIST attack, PGD 40 steps of eps/30 from one random start
+  (each point's best iterate kept; the paper keeps the last);
 - ``pgd40x2``: logitpair's baseline, PGD-40 with 2 restarts, step 2.5 eps / 40;
 - ``quick`` and ``standard``: each suite alone (no PGD in it);
 - ``worst``: the per-example worst case over PGD-40x2 and the standard suite (robust only if

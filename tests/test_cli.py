@@ -48,7 +48,9 @@ def test_train_evaluate_blackbox(tmp_path, data_dir):
     assert int(adv["robust"].sum()) == round(wb["value"] * 60)
     assert wb["ci95"][0] <= wb["value"] <= wb["ci95"][1] and wb["n"] == 60
     assert (tmp_path / "regular" / "evaluation.json").is_file()
-    assert "white-box" in (tmp_path / "regular" / "evaluation.md").read_text()
+    md = (tmp_path / "regular" / "evaluation.md").read_text()
+    assert "| white-box PGD-5 baseline (ours) |" in md and "paper reports" not in md, "our baseline, labelled ours"
+    assert "5 steps of 2.5·ε/5 from one random start, keeping each point's best iterate" in md
     assert "float32 on cpu" in (tmp_path / "regular" / "evaluation.md").read_text()
     if not torch.cuda.is_available():  # an unavailable device: one line, exit 2, nothing new written
         before = (tmp_path / "regular" / "evaluation.json").read_bytes()

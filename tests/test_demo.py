@@ -34,8 +34,14 @@ def test_demo_writes_results_and_replaces_atomically(tmp_path, data_dir):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     assert (
-        "| method | White box: PGD-40 (paper) | White box: worst case of strong suite | Black box | Clean |" in report
+        "| method | White box: PGD-40×2 baseline (ours) | White box: worst case of strong suite | Black box | Clean |"
+        in report
     )
+    assert "(paper)" not in report and "what the paper reports" not in report
+    assert (
+        "The PGD-40x2 baseline is ours, not the paper's attack: 40 steps of 2.5·ε/40 from 2 random restarts" in report
+    )
+    assert results["white_box_attack"].startswith("PGD-40x2 baseline (ours)")
     first = (out / "results.json").read_text()
     run_demo(opts)  # rerunning replaces the old demo
     assert (out / "results.json").is_file() and (out / "results.json").read_text() != "" and first

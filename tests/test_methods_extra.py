@@ -4,6 +4,7 @@ against hand-computed values on tiny inputs."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -15,8 +16,10 @@ from torch import nn
 from logitpair.attacks.pgd import pgd
 from logitpair.errors import ConfigError
 from logitpair.methods import METHODS, BatchContext, MethodConfig, kurakin, mixup
+from logitpair.methods.context import NOISE
 from logitpair.methods.crafting import craft, fgsm_rs, fgsm_rs_start
-from logitpair.methods.vat import l2_unit, vat_perturbation
+from logitpair.methods.vat import kl_logit_gradient, l2_unit, vat_perturbation
+from logitpair.models import create_model
 from logitpair.pairing import DISTANCES, pair_distance
 from logitpair.threat import Linf
 
@@ -276,6 +279,77 @@ def test_vat_direction_beats_random_in_float64():
         with torch.no_grad():
             gains.append(pair_distance(p, model(x + r_adv), "kl") / pair_distance(p, model(x + r_rand), "kl"))
     assert torch.stack(gains).mean() > 2.0
+
+
+def exact_vat_direction(model: nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``H d / ||H d||`` per example, ``H`` the Hessian in ``r`` of ``KL(p(x) || p(x + r))`` at ``r = 0``: the
+    direction one power iteration approximates, here by double backward (no finite difference)."""
+    with torch.no_grad():
+        target = model(x)
+    r = torch.zeros_like(x, requires_grad=True)
+    (g,) = torch.autograd.grad(pair_distance(target, model(x + r), "kl", "sum"), r, create_graph=True)
+    (hd,) = torch.autograd.grad((g * d).sum(), r)
+    return l2_unit(hd)
+
+
+def test_kl_logit_gradient_is_the_kl_gradient():
+    g = torch.Generator().manual_seed(0)
+    target, logits = 3 * torch.randn(6, 10, generator=g, dtype=torch.float64), torch.randn(6, 10, dtype=torch.float64)
+    z = logits.clone().requires_grad_(True)
+    (autograd,) = torch.autograd.grad(pair_distance(target, z, "kl", "sum"), z)
+    assert torch.allclose(kl_logit_gradient(target, logits), autograd, atol=1e-12)
+    assert torch.allclose(kl_logit_gradient(target, logits), logits.softmax(1) - target.softmax(1), atol=1e-12)
+    jump = target.float().clone()
+    jump[:, 3] += 200.0  # overflows expm1 in float32: the plain difference, still finite
+    plain = jump.softmax(1) - target.float().softmax(1)
+    assert torch.allclose(kl_logit_gradient(target.float(), jump), plain) and torch.isfinite(plain).all()
+
+
+def test_vat_direction_on_confident_points_in_float32():
+    """Points the model is sure of (1 - max p down to 1e-10): softmax(x + r) - softmax(x) rounds its top class
+    away in float32; the power iteration must still give the exact float64 direction."""
+    model = Linear(784, 10, seed=0)  # logits spread over tens of units on [0, 1] inputs
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ctx = BatchContext(indices=torch.arange(8), noise_key=7)  # keyed draws: the same d in float32 and float64
+    model64 = copy.deepcopy(model).double()
+    exact = exact_vat_direction(model64, x.double(), l2_unit(ctx.normal(x.double(), NOISE)))
+    with torch.no_grad():
+        sure = 1 - model64(x.double()).softmax(1).amax(1) < 1e-4
+    assert sure.sum() >= 4, "the test needs confident points"
+    r = vat_perturbation(model, x, MethodConfig(vat_xi=1e-3), ctx)
+    cosine = F.cosine_similarity(r.flatten(1).double(), exact.flatten(1), dim=1)
+    assert (cosine > 0.999).all(), cosine
+
+
+def test_vat_default_xi_recovers_the_direction_in_float32():
+    """In float32 the default xi gives the exact float64 direction on every example; Miyato et al.'s
+    xi = 1e-6 does not (x + xi d mostly rounds back to x)."""
+    torch.manual_seed(0)
+    model = create_model("lenet5", num_classes=10).eval()
+    model64 = copy.deepcopy(model).double()
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # Fashion-MNIST-shaped, [0, 1]
+    ctx = BatchContext(indices=torch.arange(8), noise_key=7)  # keyed draws: the same d in float32 and float64
+    exact = exact_vat_direction(model64, x.double(), l2_unit(ctx.normal(x.double(), NOISE)))
+
+    def cosine(cfg: MethodConfig) -> torch.Tensor:
+        r = vat_perturbation(model, x, cfg, ctx)
+        assert r.dtype == torch.float32
+        return F.cosine_similarity(r.flatten(1).double(), exact.flatten(1), dim=1)
+
+    default = cosine(MethodConfig())
+    assert (default > 0.99).all(), default
+    paper = cosine(MethodConfig(vat_xi=1e-6))
+    assert paper.min() < 0.5, paper
+
+
+def test_vat_xi_of_miyato_et_al_stays_available():
+    from logitpair.cli.main import build_parser
+    from logitpair.cli.train import overrides
+    from logitpair.config import make_config
+
+    args = build_parser().parse_args(["train", "--method", "vat", "--vat-xi", "1e-6", "--out", "unused"])
+    assert make_config(None, overrides(args)).loss.vat_xi == 1e-6
+    assert make_config(None, {"method": "vat"}).loss.vat_xi == MethodConfig().vat_xi == 1e-3
 
 
 # ---------------------------------------------------------------- pairing distances

@@ -93,8 +93,8 @@ robust; the check fails when it breaks more extra points than the tolerance allo
 AutoAttack's `check_square_sr`). If it fails, the gradient attacks are being fooled:
 report the worst case over all attacks and prefer adaptive attacks.""",
     "baseline_gap": """\
-**The paper-style baseline must not overstate robustness.** Fails when the baseline
-(default PGD-40 with 2 restarts and step 2.5 eps / 40; `--steps`, `--restarts` and
+**The PGD baseline must not overstate robustness.** Fails when the baseline (ours by
+default: PGD-40 with 2 restarts and step 2.5 eps / 40; `--steps`, `--restarts` and
 `--step-size` select another, e.g. the paper's own 40 steps of eps / 30 from one start)
 exceeds the worst case over the baseline and the strong suite (quick suite with `--quick`,
 AutoAttack's standard set otherwise) by more than 10 points. This is what exposed Clean

@@ -45,6 +45,7 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--smoothing", "loss.smoothing", fraction, "ls: label-smoothing delta"),
     ("--mixup-alpha", "loss.mixup_alpha", fraction, "mixup: Beta(alpha, alpha)"),
     ("--vat-eps", "loss.vat_eps", fraction, "vat: L2 radius of the virtual adversarial perturbation"),
+    ("--vat-xi", "loss.vat_xi", fraction, "vat: power-iteration radius (default 1e-3, ours; Miyato et al.: 1e-6)"),
     ("--pair-layer", "loss.pair_layer", str, "alp / clp: pair this layer's activations (feature pairing)"),
     ("--pair-target", "loss.pair_target", str, "alp / clp: logits, features or both"),
     ("--static-models", "static_models", str, "ens-adv: comma-separated run directories of frozen source models"),

@@ -71,6 +71,7 @@ from logitpair.threat import Linf
 from logitpair.training import train
 
 SCALES = ("smoke", "small", "full")
+SETTINGS_PAGE = "docs/PAPER_SETTINGS.md"  # every preset's settings with their sources (experiments.settings_page)
 FOLDER_DATASETS = ("imagenet", "tiny-imagenet")
 
 # --scale small: the demo's settings (logitpair.experiments.demo): LeNet-5, eps 0.1, training PGD
@@ -584,7 +585,7 @@ def command_line(opts: ReproduceOptions) -> str:
     return " ".join(parts)
 
 
-def _eps(eps: float) -> str:
+def eps_label(eps: float) -> str:
     """``16/255 (0.0627)`` for a whole number of 255ths, else ``0.1``."""
     k = round(eps * 255)
     return f"{k}/255 ({eps:.4g})" if abs(eps * 255 - k) < 1e-6 and k not in (0, 255) else f"{eps:.4g}"
@@ -643,7 +644,7 @@ def report_markdown(res: dict[str, Any]) -> str:
     text = f"# Reproducing {res['table']}: {res['title']}\n\n"
     text += (
         f"Scale `{res['scale']}`, dataset {res['dataset']} (the paper's: {res['paper_dataset']}), L∞ ε = "
-        f"{_eps(res['eps'])}, first {res['n']} test points, {k} seed(s), evaluation seed {res['evaluation_seed']}. "
+        f"{eps_label(res['eps'])}, first {res['n']} test points, {k} seed(s), evaluation seed {res['evaluation_seed']}. "
         "Accuracy in %: the paper's as printed, ours with 95% Wilson intervals (N per entry = the number of test "
         "points); a point counts as robust only if it is correct clean and under the attack. "
         f"Ours from seed 0{' (spread over seeds below)' if k > 1 else ''}.\n\n"
@@ -680,7 +681,9 @@ def report_markdown(res: dict[str, Any]) -> str:
     attacks = res["attacks"]
     text += f"- the paper's attack: {attacks['paper']['label']}"
     text += (
-        " (given by PAPER.md)\n" if attacks["paper_given"] else " (the settings are ours where PAPER.md gives none)\n"
+        f" (as the paper gives it, {res['table']})\n"
+        if attacks["paper_given"]
+        else " (ours where the paper gives no setting)\n"
     )
     if attacks.get("long"):
         text += f"- the long attack: {attacks['long']['label']}\n"
@@ -737,6 +740,7 @@ def report_markdown(res: dict[str, Any]) -> str:
                           str(c["b_only"]), f"{c['p_value']:.3g}", str(c["n"])])  # fmt: skip
         text += markdown_table(["seed", "A", "B", "A %", "B %", "A only", "B only", "p", "N"], table)
     text += "\n## Settings\n\n"
+    text += f"Each with its source; {SETTINGS_PAGE} in the logitpair repository lists every preset's settings.\n\n"
     text += "".join(f"- {s['setting']} — *{s['source']}*\n" for s in res["settings"])
     for r in [*res["rows"], *res["other_models"]]:
         for s in r["ours_settings"]:

@@ -59,7 +59,9 @@ class MethodConfig:
     mixup_alpha: float = 1.0  # mixup: lambda ~ Beta(alpha, alpha) (Zhang et al.: 1.0 CIFAR-10, 0.2 ImageNet)
     # --- VAT ---
     vat_eps: float = 2.0  # L2 radius of the virtual adversarial perturbation ([0, 1] pixels, MNIST-like)
-    vat_xi: float = 1e-6  # finite-difference radius of the power iteration (Miyato et al.'s code)
+    # finite-difference radius of the power iteration: ours, measured in float32 (Miyato et al.'s code: 1e-6,
+    # whose direction is mostly float32 rounding noise; see logitpair.methods.vat)
+    vat_xi: float = 1e-3
     vat_iters: int = 1  # power iterations
     vat_alpha: float = 1.0  # weight of the KL term (Miyato et al.: 1)
     # --- TRADES ---
