@@ -107,7 +107,9 @@ def test_signals_track_the_best_margin():
     assert torch.equal(margin(logits, y), torch.tensor([1.0, 2.0]))
     s.update("apgd-ce", torch.tensor([1]), torch.tensor([[0.0, 2.0, 1.5]]), y[1:], torch.tensor([False]))
     assert torch.allclose(s.remaining(), torch.tensor([1.0, 0.25]))
-    assert s.masking() == {"gradient_free_broke": False, "flat_gradients": False, "nonfinite": False}
+    assert s.masking() == {
+        "gradient_free_broke": False, "gradient_free_ahead": False, "flat_gradients": False, "nonfinite": False
+    }  # fmt: skip
     s.update("square", torch.tensor([0]), torch.tensor([[float("nan"), 0.0, 0.0]]), y[:1], torch.tensor([False]))
     assert s.masking()["nonfinite"]
 
@@ -140,6 +142,11 @@ def test_gate_settings_are_checked():
         {"gate": "near", "max_margin": 0},
         {"gate": "masking", "min_flat": 2},
         {"gate": "masking", "square_rate": 1.5},
+        {"gate": "masking", "min_ahead": 0},
+        {"gate": "escalate", "min_yield": 0},
+        {"gate": "escalate", "min_broken": 0},
+        {"gate": "near", "max_margin": 0.5, "stalled": -1},
+        {"warm": "yes"},
     ):
         with pytest.raises(ConfigError):
             split_params(bad)
@@ -195,3 +202,112 @@ def test_fast_escalates_to_long_square_when_gradients_are_masked(trained_model, 
     queries.clear()
     run_protocol(trained_model, x, y, specs, threat=Linf(0.04), seed=0)
     assert long_q not in queries, "a healthy model needs no long Square run"
+
+
+class Saturated(nn.Module):
+    """Logits times 1,000 (defensive distillation at test time): the same decisions, but the
+    cross-entropy of a confidently classified point is exactly flat in float32."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1000.0 * self.net(x)
+
+
+def test_fast_is_not_fooled_by_vanishing_gradients(trained_model, tiny_data):
+    """APGD-CE cannot move a saturated model; the old gates then skipped every targeted attack
+    (126 of 200 robust against 96 for the same decisions unscaled). A stalled point must be
+    attacked on (the scale-invariant targeted DLR loss still works), not declared safe."""
+    x, y = tiny_data[0][:200], tiny_data[1][:200]
+    kw = {"threat": Linf(0.04), "seed": 0}
+    plain = run_protocol(trained_model, x, y, get_suite("fast"), **kw)
+    sat = run_protocol(Saturated(trained_model), x, y, get_suite("fast"), **kw)
+    assert torch.equal(plain.clean_correct, sat.clean_correct)
+    assert 0.2 < plain.robust.float().mean() < plain.clean_correct.float().mean() - 0.2
+    assert sat.robust.float().mean() <= plain.robust.float().mean() + 0.02  # 4 of 200 points
+    first = sat.summary()["broken_by"]
+    assert list(first.values())[0] <= 5, "APGD-CE must indeed be stuck on the saturated model"
+
+
+def test_stalled_points_are_attacked_on(monkeypatch):
+    left = {0: 0.05, 1: 0.5, 2: 0.7, 3: 0.95}  # the others: not moved at all (1.0)
+    calls: list[list[int]] = []
+    monkeypatch.setitem(ATTACKS._items, "move", _mover(left))
+    monkeypatch.setitem(ATTACKS._items, "spy", _spy(calls))
+    x, y = _points()
+    gated = AttackSpec("spy", {"gate": "near", "max_margin": 0.6, "stalled": 0.9})
+    run_protocol(Scaled(), x, y, [AttackSpec("move"), gated], threat=Linf(0.5))
+    assert sorted(i for c in calls for i in c) == [0, 1, 3, *range(4, 12)], "near (< 0.6) or stalled (>= 0.9)"
+
+
+def test_escalate_gate_fires_on_a_high_yield_only(monkeypatch):
+    calls: list[list[int]] = []
+    monkeypatch.setitem(ATTACKS._items, "move", _mover({i: 0.2 for i in range(12)}))
+    monkeypatch.setitem(ATTACKS._items, "spy", _spy(calls))
+    x, y = _points()
+
+    def breaker(ids: set[int]):
+        def attack(model, x, y, *, threat, generator=None, **kw):
+            out = x.clone()
+            for row, pid in enumerate(_ids(x)):
+                if pid in ids:
+                    out[row, 0, 0, 1] = 0.7
+            return threat.project(x, out)
+
+        return attack
+
+    near = {"gate": "near", "max_margin": 0.5}
+    escalate = AttackSpec("spy", {"gate": "escalate", "min_yield": 0.3, "min_broken": 2})
+    monkeypatch.setitem(ATTACKS._items, "brk", breaker({0, 1, 2, 3}))  # 4 of 12 near points: 33%
+    run_protocol(Scaled(), x, y, [AttackSpec("move"), AttackSpec("brk", near), escalate], threat=Linf(0.5))
+    assert sorted(calls[0]) == list(range(4, 12)), "a high yield escalates on every point left"
+    calls.clear()
+    monkeypatch.setitem(ATTACKS._items, "brk", breaker({0, 1}))  # 2 of 12: 17%
+    run_protocol(Scaled(), x, y, [AttackSpec("move"), AttackSpec("brk", near), escalate], threat=Linf(0.5))
+    assert calls == [], "a low yield does not"
+    s = BatchSignals.start(torch.tensor([[1.0, 0.0]]).repeat(10, 1), torch.zeros(10, dtype=torch.long))
+    s.update("apgd-t", torch.arange(10), torch.tensor([[0.0, 1.0]]).repeat(10, 1), torch.zeros(10, dtype=torch.long),
+             torch.ones(10, dtype=torch.bool), gate="near")  # fmt: skip
+    assert s.escalating() and not s.escalating(min_broken=11)
+
+
+def test_gradient_free_ahead_of_the_gradients_fires_the_masking_gate():
+    n = 100
+    y = torch.zeros(n, dtype=torch.long)
+    s = BatchSignals.start(torch.tensor([[2.0, 0.0]]).repeat(n, 1), y)
+    s.update("apgd-ce", torch.arange(n), torch.tensor([[1.8, 0.0]]).repeat(n, 1), y, torch.zeros(n, dtype=torch.bool))
+    further = torch.tensor([[1.8, 0.0]]).repeat(n, 1)
+    further[:4, 1] = 0.5  # Square got further than APGD-CE on 4 of 100 points: below 5%
+    s.update("square", torch.arange(n), further, y, torch.zeros(n, dtype=torch.bool))
+    assert not s.masking()["gradient_free_ahead"]
+    further[4, 1] = 0.5
+    s.update("square", torch.arange(n), further, y, torch.zeros(n, dtype=torch.bool))
+    assert s.masking()["gradient_free_ahead"], "5 of 100 points"
+    assert not s.masking()["flat_gradients"]
+
+
+def test_warm_apgd_t_starts_where_asked_and_targets_the_drift(trained_model, tiny_data):
+    from logitpair.attacks import apgd_ce, apgd_t
+
+    x, y = tiny_data[0][:32], tiny_data[1][:32]
+    threat = Linf(0.03)
+    moved = apgd_ce(trained_model, x, y, threat=threat, steps=5, generator=torch.Generator().manual_seed(0))
+    trace: dict = {}
+    apgd_t(trained_model, x, y, threat=threat, steps=3, n_target_classes=1, rank_by=moved, init=moved, trace=trace)
+    run = trace["runs"][0]
+    idx = run["index"]
+    with torch.no_grad():
+        at_moved = trained_model(moved[idx]).scatter(1, y[idx, None], -float("inf"))
+        at_clean = trained_model(x[idx]).scatter(1, y[idx, None], -float("inf"))
+    assert torch.equal(run["target"], at_moved.argmax(1)), "targets ranked by the logits at rank_by"
+    assert not torch.equal(at_clean.argmax(1), at_moved.argmax(1)), "the drift must change some target here"
+    loss0 = run["loss"][0]  # the loss at the start point of the run
+    from logitpair.attacks.apgd import dlr_targeted_loss
+
+    with torch.no_grad():
+        expected = dlr_targeted_loss(trained_model(moved[idx]), y[idx], run["target"])
+    assert torch.allclose(loss0, expected), "the first run starts at init"
+    with pytest.raises(ConfigError, match="shape"):
+        apgd_t(trained_model, x, y, threat=threat, steps=2, rank_by=moved[:3])

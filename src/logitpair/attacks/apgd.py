@@ -135,8 +135,10 @@ def _apgd_run(
     generator: torch.Generator | None,
     trace: dict[str, Any] | None,
     trace_info: dict[str, Any],
+    start: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One APGD run from a random start: (best point, its loss, its success flag) per example.
+    """One APGD run from a random start (or from ``start``, projected into the ball): (best point,
+    its loss, its success flag) per example.
 
     "Best" is a successful iterate if there is one (the highest-loss one), else the
     highest-loss iterate. Costs ``steps`` forward-backward passes and one forward.
@@ -144,7 +146,7 @@ def _apgd_run(
     view = (-1,) + (1,) * (x.dim() - 1)
     checkpoints = [w for w in apgd_checkpoints(steps) if 0 < w < steps]
 
-    x_cur = threat.random_init(x, generator)
+    x_cur = threat.random_init(x, generator) if start is None else threat.project(x, start.detach())
     loss, logits, grad = loss_grad(model, x_cur, loss_fn)
     out_x, out_loss, out_succ = x_cur, loss, success_fn(logits)
     x_max, f_max, grad_max = x_cur, loss, grad
@@ -272,6 +274,7 @@ def apgd(
     generator: torch.Generator | None = None,
     trace: dict[str, Any] | None = None,
     k: int = 1,
+    init: Tensor | None = None,
 ) -> Tensor:
     """Auto-PGD (Algorithm 1 of Croce & Hein 2020), L-infinity.
 
@@ -295,6 +298,8 @@ def apgd(
         k: top-``k`` success criterion of the untargeted losses: a point counts as broken (and
             is no longer attacked) only once ``y`` left its ``k`` largest logits; the DLR loss then
             uses the top-``k`` margin. ``k = 1``: misclassification.
+        init: start of the first run (projected into the ball) instead of a random point, e.g.
+            where an earlier attack left each example; later restarts start at random points.
 
     Returns per example a successful point if one was found (``y`` not in the top ``k``; for
     ``"dlr-targeted"``: classified as ``target``), else the highest-loss point seen,
@@ -318,7 +323,7 @@ def apgd(
             logits = model(x)
             check_k(k, logits.shape[1])
             best = _Best(x, _make_loss(loss, y, target, k)(logits), is_success(logits, y, target, k))
-        for _ in range(restarts):
+        for r in range(restarts):
             idx = best.todo()
             if idx.numel() == 0:
                 break
@@ -336,6 +341,7 @@ def apgd(
                 generator,
                 trace,
                 {"index": idx, "target": t},
+                start=init[idx] if init is not None and r == 0 else None,
             )
             best.merge(idx, *run)
     return best.x.detach()
@@ -397,11 +403,14 @@ def apgd_t(
     generator: torch.Generator | None = None,
     trace: dict[str, Any] | None = None,
     k: int = 1,
+    rank_by: Tensor | None = None,
+    init: Tensor | None = None,
 ) -> Tensor:
     """APGD on the targeted DLR loss (AutoAttack's ``apgd-t``). Needs at least 4 classes.
 
-    The targets of an example are the classes other than ``y`` ranked by its clean logits,
-    highest first; the i-th run (``restarts`` times each) targets the i-th of them, for
+    The targets of an example are the classes other than ``y`` ranked by its clean logits
+    (or, with ``rank_by``, by its logits at the point ``rank_by``, e.g. where an earlier attack
+    left it: the classes it drifted towards), highest first; the i-th run (``restarts`` times each) targets the i-th of them, for
     ``i < min(n_target_classes, num_classes - 1)``. Each run attacks only the examples not
     yet misclassified, so per example the first success is kept. The aim is
     misclassification (robust accuracy): a run succeeds when the prediction leaves ``y``,
@@ -411,24 +420,31 @@ def apgd_t(
     ``k > 1`` (top-``k`` success): a run succeeds once ``y`` left the top ``k``, and its loss
     asks the target *and* ``k - 1`` other classes to get ahead of ``y``
     (:func:`dlr_targeted_loss`).
+
+    ``init``: the first run of every target starts there (projected into the ball) instead of
+    at a random point; later restarts start at random points.
     """
     _check(threat, steps, restarts, rho, momentum, k)
     if n_target_classes < 1:
         raise ConfigError(f"n_target_classes must be >= 1, got {n_target_classes}")
+    for name, other in (("rank_by", rank_by), ("init", init)):
+        if other is not None and other.shape != x.shape:
+            raise ConfigError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(other.shape)}")
     x = x.detach()
     with attack_context(model):
         with torch.no_grad():
             logits = model(x)
+            ranking = logits if rank_by is None else model(rank_by.detach())
         num_classes = logits.shape[1]
         if num_classes < 4:
             raise ConfigError(f"apgd_t needs at least 4 classes, the model has {num_classes}")
         check_k(k, num_classes)
-        order = logits.argsort(dim=1, descending=True)
+        order = ranking.argsort(dim=1, descending=True)
         others = order[order != y[:, None]].view(len(x), num_classes - 1)  # ranked, y removed
         no_loss = torch.full((len(x),), -float("inf"), device=x.device, dtype=logits.dtype)
         best = _Best(x, no_loss, is_success(logits, y, None, k))
         for i in range(min(n_target_classes, num_classes - 1)):
-            for _ in range(restarts):
+            for r in range(restarts):
                 idx = best.todo()
                 if idx.numel() == 0:
                     return best.x.detach()
@@ -445,6 +461,7 @@ def apgd_t(
                     generator,
                     trace,
                     {"index": idx, "target": t},
+                    start=init[idx] if init is not None and r == 0 else None,
                 )
                 best.merge(idx, *run)
     return best.x.detach()

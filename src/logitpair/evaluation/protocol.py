@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from logitpair.attacks import ATTACKS
 from logitpair.attacks.common import model_device, predict, random_target
 from logitpair.errors import ConfigError
-from logitpair.evaluation.gates import BatchSignals, has_gates, split_params
+from logitpair.evaluation.gates import BatchSignals, has_gates, split_params, wants_warm
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.evaluation.suites import get_suite
 from logitpair.metrics import summarize, topk_correct
@@ -237,8 +237,9 @@ class _Batch:
         return (self.r5 & ~self.r1).nonzero().flatten()
 
     def record(
-        self, i: int, k: int, name: str, idx: Tensor, adv_logits: Tensor, xa: Tensor, adv: Tensor | None, start: int
-    ) -> None:
+        self, i: int, k: int, name: str, idx: Tensor, adv_logits: Tensor, xa: Tensor, adv: Tensor | None, start: int,
+        gate: str = "all",
+    ) -> None:  # fmt: skip
         """Fold attack ``i``'s outcome on the points ``idx`` (pass ``k``) into the state."""
         y = self.y[idx]
         ok1 = topk_correct(adv_logits, y, 1)
@@ -248,7 +249,7 @@ class _Batch:
             take = newly | (self.r1[idx] & ok1)  # the breaking example, else the latest attempt
             adv[start + idx[take].cpu()] = xa[take].to("cpu", adv.dtype)
         if self.signals is not None and k == 1:
-            self.signals.update(name, idx, adv_logits, y, newly)
+            self.signals.update(name, idx, adv_logits, y, newly, xa, gate)
         self.r1[idx] &= ok1
         if self.r5 is not None:
             self.r5[idx] &= topk_correct(adv_logits, y, 5)
@@ -275,7 +276,7 @@ def _start_batch(
         batch.target = tb.to(dev)
         batch.hit = logits.argmax(1) == batch.target  # already classified as the target: nothing to attack
     if has_gates(attacks):  # gated suites only (gates.py)
-        batch.signals = BatchSignals.start(logits, yb)
+        batch.signals = BatchSignals.start(logits, yb, xb if wants_warm(attacks) else None)
     return batch, logits.shape[1]
 
 
@@ -285,10 +286,12 @@ def _attack_pass(
 ) -> None:  # fmt: skip
     """Attack ``i`` with top-``k`` success on the batch's pool for ``k`` (after its gate, if any)."""
     idx = batch.pool(k)
-    kwargs = dict(spec.params)
+    kwargs, gate = dict(spec.params), {}
     if batch.signals is not None:
         kwargs, gate = split_params(kwargs)
         idx = batch.signals.select(gate, idx)
+        if gate.get("warm") and len(idx):  # start at, and rank targets by, the lowest-margin point so far
+            kwargs.update({key: batch.signals.warm_start(idx) for key in ("init", "rank_by") if takes(spec.name, key)})
     if len(idx) == 0:
         return
     if batch.target is not None:
@@ -301,7 +304,7 @@ def _attack_pass(
     xa = ATTACKS.get(spec.name)(attacker, xb, yb, threat=threat, generator=gen, **kwargs)
     if not bool(threat.contains(xb, xa).all()):
         raise RuntimeError(f"attack {spec.label} left the threat model")
-    batch.record(i, k, spec.name, idx, predict(model, xa), xa, st.get("adv"), start)
+    batch.record(i, k, spec.name, idx, predict(model, xa), xa, st.get("adv"), start, gate.get("gate", "all"))
 
 
 def _run_batch(
