@@ -76,7 +76,10 @@ def _eval_section(r: dict[str, Any]) -> str:
         return f"### Evaluations vs AutoAttack\n\n{vs}\n"
     rows = []
     for label, e in vs.items():
-        entries = [("AutoAttack (pyautoattack, standard)", e["autoattack"])]
+        reused = isinstance(e["autoattack"], dict) and e["autoattack"].get("reused_from")
+        entries = [
+            ("AutoAttack (pyautoattack, standard)" + (" (reused, earlier run)" if reused else ""), e["autoattack"])
+        ]
         entries += [(f"`{s}`", v) for s, v in e["suites"].items()]
         aa = e["autoattack"] if isinstance(e["autoattack"], dict) and "robust" in e["autoattack"] else None
         for name, v in entries:
@@ -104,7 +107,8 @@ def _eval_section(r: dict[str, Any]) -> str:
                     [label, key, f"{t['value']:.3f}", f"≤ {t['target']}", "met" if t["met"] else "**not met**"]
                 )
     if trows:
-        text += "\nTargets of issue #13:\n\n" + _table(["run", "figure", "value", "target", ""], trows)
+        text += "\nTargets (issues 13 and 17; no cost targets on the models built to mask gradients):\n\n"
+        text += _table(["run", "figure", "value", "target", ""], trows)
     sp = r.get("eval_speedup")
     if isinstance(sp, dict) and sp:
         srows = [[label, f"`{e.get('suite')}`", _ratio(e)] for label, e in sp.items()]

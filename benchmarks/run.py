@@ -23,8 +23,14 @@ its min and max, each measurement in its own process (forked), with its peak mem
   batch, eps, step, steps, one random start, ``keep_best=False``), or ``"skipped"``.
 - ``vs_autoattack``: per ``--models`` run, on its first ``--n`` test points at its training eps:
   robust accuracy, passes and wall time of the reference AutoAttack (``pyautoattack``,
-  ``version="standard"``) and of each suite; ``targets`` compares them with issue #13's aims.
-  Each evaluation runs once (``--eval-repeats``) in its own process, ``--jobs`` at a time.
+  ``version="standard"``) and of each suite; ``targets`` compares them with the aims (issue 13:
+  ``standard`` <= AA + 0.2 points; issue 17: ``fast`` <= AA + 0.5 points on every model, and at
+  <= 1/10 of AA's wall time and autograd passes on the models not named by ``--masking``, the
+  models built to mask gradients, where ``fast`` may escalate). Models may be ``RUN+saturate`` or
+  ``RUN+quantize`` (``_masked.py``). Each evaluation runs once (``--eval-repeats``) in its own
+  process, ``--jobs`` at a time. ``--autoattack-from FILE`` takes the AutoAttack entries of the
+  models it names from an earlier result of the same settings instead of running them again
+  (marked ``reused_from`` in the JSON); wall-time ratios against a reused entry are across runs.
 - ``eval_speedup``: the ``--speedup-suite`` with every attack on all points / the protocol
   (each attack only on the points still robust). Reported, not a target.
 - ``data``: Fashion-MNIST IDX read throughput, and decode+transform throughput of the
@@ -325,7 +331,7 @@ def measure_evaluations(runner: Runner, args: argparse.Namespace, have_aa: bool)
     for run in args.models:
         base = {"kind": "suite", "run": run, "n": args.n, "batch": args.eval_batch, "once": True,
                 "data_dir": args.data_dir, "eps": args.eps_eval}  # fmt: skip
-        if have_aa:
+        if have_aa and run not in args.reuse:
             tasks[run, "autoattack"] = {**base, "suite": "autoattack"}
         tasks.update({(run, s): {**base, "suite": s} for s in suites})
         if with_speedup:
@@ -340,13 +346,16 @@ def measure_evaluations(runner: Runner, args: argparse.Namespace, have_aa: bool)
         entry: dict[str, Any] = {"run": run, "method": meta.get("method"), "model": (meta.get("model") or {}).get("name"),
                                  "n": args.n}  # fmt: skip
         entry["autoattack"] = (
-            eval_entry(res[run, "autoattack"])
+            args.reuse[run]
+            if run in args.reuse
+            else eval_entry(res[run, "autoattack"])
             if have_aa
             else "skipped: --no-autoattack"
             if args.no_autoattack
             else "skipped: pyautoattack is not installed"
         )
         entry["suites"] = {s: eval_entry(res[run, s]) for s in args.suites}
+        entry["masking_model"] = run in args.masking
         entry["targets"] = targets(entry)
         vs_aa[label] = entry
         if with_speedup:
@@ -379,8 +388,9 @@ def eval_entry(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def targets(entry: dict[str, Any]) -> dict[str, Any]:
-    """Issue #13: standard <= AA + 0.2 points; fast <= AA + 0.3 points with <= 1/10 of AA's wall time
-    and autograd passes and no more forward-only passes."""
+    """Issue 13: standard <= AA + 0.2 points. Issue 17: fast <= AA + 0.5 points; on the models that
+    are not masking models also <= 1/10 of AA's wall time and autograd passes and no more
+    forward-only passes."""
     aa, suites = entry["autoattack"], entry["suites"]
     if not isinstance(aa, dict) or "error" in aa:
         return {"skipped": "no AutoAttack result"}
@@ -398,7 +408,9 @@ def targets(entry: dict[str, Any]) -> dict[str, Any]:
         t = fast["seconds"]["median"] / aa["seconds"]["median"]
         g = fast["passes"]["grad"] / max(aa["passes"]["grad"], 1)
         f = fast["passes"]["no_grad"] / max(aa["passes"]["no_grad"], 1)
-        out["fast_minus_autoattack_points"] = {"value": d, "target": 0.3, "met": d <= 0.3}
+        out["fast_minus_autoattack_points"] = {"value": d, "target": 0.5, "met": d <= 0.5}
+        if entry.get("masking_model"):
+            return out
         out["fast_time_fraction"] = {"value": t, "target": 0.1, "met": t <= 0.1}
         out["fast_grad_pass_fraction"] = {"value": g, "target": 0.1, "met": g <= 0.1}
         out["fast_no_grad_pass_fraction"] = {"value": f, "target": 1.0, "met": f <= 1.0}
@@ -431,6 +443,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--suites", nargs="+", default=list(SPEC_SUITES), help="our suites compared with AutoAttack")
     ap.add_argument("--speedup-suite", default="quick", help="suite of eval_speedup (default quick; none: skip)")
     ap.add_argument("--no-autoattack", action="store_true", help="leave the AutoAttack reference out")
+    ap.add_argument(
+        "--masking",
+        nargs="*",
+        default=[],
+        metavar="RUN",
+        help="models of --models built to mask gradients: no cost targets for fast on them",
+    )
+    ap.add_argument(
+        "--autoattack-from",
+        default=None,
+        metavar="JSON",
+        help="reuse the AutoAttack entries of an earlier result with the same settings",
+    )
     ap.add_argument("--eval-repeats", type=int, default=1, help="repeats of each evaluation (default 1)")
     ap.add_argument("--jobs", type=int, default=1, help="evaluations running at the same time (default 1)")
     ap.add_argument("--eval-batch", type=int, default=500, help="batch size of the evaluations (ours and AutoAttack)")
@@ -458,7 +483,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.arch.append("resnet50")
     if min(args.repeats, args.n, args.threads, args.jobs, args.eval_repeats) < 1:
         ap.error("--repeats, --n, --threads, --jobs and --eval-repeats must be >= 1")
+    if set(args.masking) - set(args.models):
+        ap.error("--masking names models that --models does not")
+    args.reuse = reused_autoattack(args, ap.error)
     return args
+
+
+def reused_autoattack(args: argparse.Namespace, error: Any) -> dict[str, dict[str, Any]]:
+    """The AutoAttack entries of ``--autoattack-from`` for the ``--models`` it has, checked to come
+    from the same settings (points, batch, eps); each marked with the file it came from."""
+    if not args.autoattack_from:
+        return {}
+    import json
+
+    old = json.loads(Path(args.autoattack_from).read_text())
+    same = ("n", "eval_batch", "eps_eval", "data_dir")
+    diff = [k for k in same if old.get("settings", {}).get(k) != getattr(args, k)]
+    if diff:
+        error(f"--autoattack-from {args.autoattack_from}: other settings ({', '.join(diff)})")
+    found = {}
+    for entry in (old.get("vs_autoattack") or {}).values():
+        aa = entry.get("autoattack")
+        if entry.get("run") in args.models and isinstance(aa, dict) and "robust" in aa:
+            found[entry["run"]] = {**aa, "reused_from": args.autoattack_from}
+    return found
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -472,9 +520,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     have_aa = importlib.util.find_spec("pyautoattack") is not None and not args.no_autoattack
     t0 = time.perf_counter()
     result: dict[str, Any] = {
-        "what": "issue #13 benchmarks: cost ratios, evaluations vs AutoAttack, data throughput",
+        "what": "benchmarks (issues 13, 17): cost ratios, evaluations vs AutoAttack, data throughput",
         "command": "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "docs")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "docs", "reuse")},
         "versions": versions(),
         "floors": {m: floor_for(m)[0] for m in _method_names()},
     }

@@ -64,9 +64,10 @@ def test_quick_benchmark_writes_the_documented_schema(tmp_path, data_dir):
     docs.write_text(
         "# Performance\n\nprose\n\n<!-- BEGIN benchmarks/run.py -->\nSTALE\n<!-- END benchmarks/run.py -->\nend\n"
     )
+    masked = f"{run}+saturate"  # the same model behind a gradient-masking wrapper (benchmarks/_masked.py)
     cmd = [
-        sys.executable, "benchmarks/run.py", "--quick", "--out", str(out), "--models", str(run), "--n", "40",
-        "--arch", ARCH, "--data-dir", str(data_dir), "--docs", str(docs),
+        sys.executable, "benchmarks/run.py", "--quick", "--out", str(out), "--models", str(run), masked, "--n", "40",
+        "--masking", masked, "--arch", ARCH, "--data-dir", str(data_dir), "--docs", str(docs),
     ]  # fmt: skip
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,8 +89,11 @@ def test_quick_benchmark_writes_the_documented_schema(tmp_path, data_dir):
     assert steps["mpgd"]["floor"].startswith("PGD-7") and steps["clp"]["floor"] == "regular step"
 
     ev = r["vs_autoattack"]
-    (entry,) = ev.values()
-    assert entry["run"] == str(run) and entry["n"] == 40
+    entry, masked_entry = ev.values()
+    assert entry["run"] == str(run) and entry["n"] == 40 and not entry["masking_model"]
+    assert masked_entry["run"] == masked and masked_entry["masking_model"] and list(ev)[1].endswith("+saturate)")
+    clean = [e["suites"]["pgd40"]["clean"]["value"] for e in (entry, masked_entry)]
+    assert clean[0] == clean[1], "the wrapper keeps the decisions"
     suites = dict.fromkeys(["quick", "standard", "fast", "pgd40"])
     assert set(entry["suites"]) == set(suites) and set(suites) <= set(SUITES)
     results = list(entry["suites"].values())
@@ -101,6 +105,7 @@ def test_quick_benchmark_writes_the_documented_schema(tmp_path, data_dir):
         }  # fmt: skip
         for t in entry["targets"].values():
             assert isinstance(t["met"], bool) and isinstance(t["value"], float)
+        assert set(masked_entry["targets"]) == {"standard_minus_autoattack_points", "fast_minus_autoattack_points"}
     for res in results:
         assert "error" not in res, res.get("error")
         assert 0 <= res["robust"]["value"] <= 1 and res["robust"]["n"] == 40
@@ -118,3 +123,30 @@ def test_quick_benchmark_writes_the_documented_schema(tmp_path, data_dir):
     text = docs.read_text()
     assert text.startswith("# Performance\n\nprose\n") and text.endswith("end\n") and "STALE" not in text
     assert "Attack cost" in text and "Evaluations vs AutoAttack" in text
+
+
+def test_autoattack_entries_can_be_reused_from_an_earlier_result(tmp_path, data_dir):
+    run = _tiny_run(tmp_path / "run", data_dir)
+    flags = "1" * 30 + "0" * 10
+    earlier = {
+        "settings": {"n": 40, "eval_batch": 500, "eps_eval": None, "data_dir": str(data_dir)},
+        "vs_autoattack": {"regular (run)": {"run": str(run), "autoattack": {
+            "eps": 0.1, "robust": {"value": 0.75, "n": 40, "ci95": [0.6, 0.86]}, "robust_points": flags,
+            "seconds": {"median": 100.0, "min": 100.0, "max": 100.0}, "passes": {"grad": 1000, "no_grad": 1000}}}},
+    }  # fmt: skip
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(earlier))
+    out = tmp_path / "bench.json"
+    base = [sys.executable, "benchmarks/run.py", "--out", str(out), "--models", str(run), "--n", "40",
+            "--skip", "attacks", "training", "data", "--suites", "pgd40", "--speedup-suite", "none",
+            "--data-dir", str(data_dir)]  # fmt: skip
+    proc = subprocess.run([*base, "--autoattack-from", str(old)], check=False, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (entry,) = json.loads(out.read_text())["vs_autoattack"].values()
+    assert entry["autoattack"]["reused_from"] == str(old) and entry["autoattack"]["robust_points"] == flags
+    earlier["settings"]["n"] = 100
+    old.write_text(json.dumps(earlier))
+    proc = subprocess.run([*base, "--autoattack-from", str(old)], check=False, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 2 and "other settings (n)" in proc.stderr
