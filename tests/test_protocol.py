@@ -65,6 +65,7 @@ def test_worst_case_aggregation_is_exact(monkeypatch):
     assert sorted(i for c in calls_b for i in c) == [i for i in range(40) if i not in (3, 17, 0, 1, 2, 20)]
     s = res.summary()
     assert s["robust"]["value"] == pytest.approx(31 / 40) and s["broken_by"] == {"break-a": 4, "break-b": 3}
+    assert s["attacked"] == {"break-a": 38, "break-b": 34}, "points each attack ran on"
 
 
 def test_interrupted_protocol_resumes_to_the_same_result(tmp_path, trained_model, tiny_data, monkeypatch):

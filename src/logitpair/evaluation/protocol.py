@@ -48,6 +48,7 @@ class ProtocolResult:
     target: Tensor | None = None
     target_hit: Tensor | None = None
     adversarial: Tensor | None = None  # the breaking (else last) adversarial example per point
+    attacked: Tensor | None = None  # (len(attacks),) points each attack ran on (after its gate; both top-k passes)
 
     @property
     def n(self) -> int:
@@ -63,6 +64,8 @@ class ProtocolResult:
             "robust": summarize(self.robust),
             "broken_by": {a.label: int((self.broken_by == i).sum()) for i, a in enumerate(self.attacks)},
         }
+        if self.attacked is not None:
+            out["attacked"] = {a.label: int(self.attacked[i]) for i, a in enumerate(self.attacks)}
         if self.robust_top5 is not None and self.clean_top5 is not None:
             out["clean_top5"] = summarize(self.clean_top5)
             out["robust_top5"] = summarize(self.robust_top5)
@@ -160,6 +163,7 @@ def run_protocol(
             "clean1": torch.zeros(n, dtype=torch.bool),
             "robust1": torch.zeros(n, dtype=torch.bool),
             "broken_by": torch.full((n,), -1, dtype=torch.long),
+            "attacked": torch.zeros(len(attacks), dtype=torch.long),
         }
         if top5:
             st["clean5"] = torch.zeros(n, dtype=torch.bool)
@@ -186,7 +190,7 @@ def run_protocol(
     return ProtocolResult(
         clean_correct=st["clean1"], robust=st["robust1"], broken_by=st["broken_by"], attacks=list(attacks),
         threat=threat, seed=seed, clean_top5=st.get("clean5"), robust_top5=st.get("robust5"),
-        target=st.get("target"), target_hit=st.get("hit"), adversarial=st.get("adv"),
+        target=st.get("target"), target_hit=st.get("hit"), adversarial=st.get("adv"), attacked=st.get("attacked"),
     )  # fmt: skip
 
 
@@ -294,6 +298,8 @@ def _attack_pass(
             kwargs.update({key: batch.signals.warm_start(idx) for key in ("init", "rank_by") if takes(spec.name, key)})
     if len(idx) == 0:
         return
+    if "attacked" in st:
+        st["attacked"][i] += len(idx)
     if batch.target is not None:
         kwargs.update(targeted=True, target=batch.target[idx])
     if k > 1 and takes(spec.name, "k"):

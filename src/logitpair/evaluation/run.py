@@ -249,9 +249,11 @@ def evaluation_markdown(ev: dict[str, Any]) -> str:
     text += "\nAttacks in order (each runs only on the points still robust; a point is robust only if it is "
     text += "correct clean and under every attack):\n\n"
     attack_rows = [
-        [a["label"], a["name"], json.dumps(a["params"]), str(wb["broken_by"][a["label"]])] for a in wb["attacks"]
-    ]
-    text += markdown_table(["attack", "function", "settings", "points it broke"], attack_rows)
+        [a["label"], a["name"], json.dumps(a["params"]), str(wb.get("attacked", {}).get(a["label"], "–")),
+         str(wb["broken_by"][a["label"]])]
+        for a in wb["attacks"]
+    ]  # fmt: skip
+    text += markdown_table(["attack", "function", "settings", "points it ran on", "points it broke"], attack_rows)
     return text
 
 
