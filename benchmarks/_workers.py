@@ -275,7 +275,7 @@ def build_suite(task: dict[str, Any], device: torch.device) -> tuple[Callable[[]
         res = run_protocol(model, x, y, specs, threat=threat, batch_size=batch, seed=seed)
         s = res.summary()
         return {
-            "eps": eps, "clean": s["clean"], "robust": s["robust"], "broken_by": s["broken_by"],
+            "eps": eps, "clean": s["clean"], "robust": s["robust"], "broken_by": s["broken_by"], "attacked": s["attacked"],
             "robust_points": flags_text(res.robust),
         }  # fmt: skip
 

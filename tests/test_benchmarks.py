@@ -150,3 +150,21 @@ def test_autoattack_entries_can_be_reused_from_an_earlier_result(tmp_path, data_
     proc = subprocess.run([*base, "--autoattack-from", str(old)], check=False, cwd=ROOT, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 2 and "other settings (n)" in proc.stderr
+
+
+def test_fast_design_measurements_run(tmp_path, data_dir):
+    run = _tiny_run(tmp_path / "run", data_dir)
+    out = tmp_path / "design.json"
+    cmd = [sys.executable, "benchmarks/fast_design.py", str(run), f"{run}+saturate", "--n", "40", "--eps", "0.02",
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, sat = json.loads(out.read_text())["models"]
+    for r in (plain, sat):
+        assert "error" not in r, r.get("error")
+        assert 0 <= r["fast"]["robust"] <= r["clean_correct"] <= 40
+        assert set(r["targets"]) == {f"T{k} {how}" for k in (1, 3) for how in
+                                     ("clean-ranked", "drift-ranked", "drift-ranked, warm")}  # fmt: skip
+    assert plain["clean_correct"] == sat["clean_correct"]
+    assert 0 <= sat["stage1"]["remaining_at_least_0.9"] <= sat["stage1"]["left"] <= sat["clean_correct"]
+    assert "| model |" in proc.stdout
