@@ -470,6 +470,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--min-seconds", type=float, default=None, help="shortest timed sample (default 0.3; --quick 0)")
     ap.add_argument("--skip", nargs="*", default=[], choices=("attacks", "training", "data", "evaluations"))
     ap.add_argument("--docs", default=None, help="Markdown file whose generated section is rewritten")
+    ap.add_argument(
+        "--docs-section", default=None, metavar="NAME",
+        help="rewrite the section between <!-- BEGIN benchmarks/run.py NAME --> and its END marker instead",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
@@ -552,7 +556,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = markdown_summary({**result, "environment": environment()})
     print(summary)
     if args.docs:
-        write_docs(Path(args.docs), summary, MARK_BEGIN, MARK_END)
+        tag = f" {args.docs_section}" if args.docs_section else ""
+        write_docs(
+            Path(args.docs), summary, MARK_BEGIN.replace(" -->", tag + " -->"), MARK_END.replace(" -->", tag + " -->")
+        )
     return result
 
 
