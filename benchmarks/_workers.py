@@ -225,12 +225,13 @@ def build_folder(task: dict[str, Any], device: torch.device) -> tuple[Callable[[
 def _load_points(task: dict[str, Any], device: torch.device) -> tuple[nn.Module, Tensor, Tensor, float]:
     from _masked import load
 
-    from logitpair.checkpoint import run_eps
+    from logitpair.checkpoint import run_info
     from logitpair.evaluation import test_points
 
     net = load(task["run"], device=device)  # a run, or RUN+WRAPPER (_masked.py)
-    x, y, _ = test_points(net, task["n"], task.get("data_dir"), where=task["run"])
-    eps = run_eps(net, task.get("eps"), where=task["run"])
+    info = run_info(net, where=task["run"], eps=task.get("eps"))
+    x, y, _ = test_points(info, task["n"], task.get("data_dir"))
+    eps = info.eps
     return net, x.to(device), y.to(device), eps
 
 

@@ -60,7 +60,7 @@ def measure(name: str, n: int, threads: int, eps: float | None = None) -> dict[s
 
     from logitpair.attacks import apgd_ce, apgd_t, square
     from logitpair.attacks.common import predict
-    from logitpair.checkpoint import run_eps
+    from logitpair.checkpoint import run_info
     from logitpair.evaluation import get_suite, run_protocol, test_points
     from logitpair.evaluation.gates import margin
     from logitpair.threat import Linf
@@ -68,8 +68,9 @@ def measure(name: str, n: int, threads: int, eps: float | None = None) -> dict[s
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = load(name)
-    x, y, _ = test_points(model, n, None, where=name)
-    eps = run_eps(model, eps, where=name)
+    info = run_info(model, where=name, eps=eps)
+    x, y, _ = test_points(info, n)
+    eps = info.eps
     threat = Linf(eps)
     ok = predict(model, x).argmax(1) == y
     xs, ys = x[ok], y[ok]

@@ -1,14 +1,15 @@
 """logitpair: train and honestly evaluate adversarially robust image classifiers.
 
 Implements Adversarial Logit Pairing (Kannan, Kurakin, Goodfellow 2018) and the methods,
-attacks and checks around it. Public entry points: :func:`load_model`, :func:`create_model`,
-:func:`evaluate`, :class:`Linf`, ``logitpair.attacks.*`` and ``logitpair.audit.audit``.
+attacks and checks around it. Public entry points: :func:`load_model`, :func:`load_run`
+(model + :class:`~logitpair.checkpoint.RunInfo`), :func:`create_model`, :func:`evaluate`,
+:class:`Linf`, ``logitpair.attacks.*`` and ``logitpair.audit.audit``.
 """
 
 from logitpair._version import __version__
 from logitpair.threat import Linf
 
-__all__ = ["Linf", "__version__", "create_model", "evaluate", "load_model"]
+__all__ = ["Linf", "__version__", "create_model", "evaluate", "load_model", "load_run"]
 
 
 def load_model(path, *, device="cpu"):
@@ -16,6 +17,15 @@ def load_model(path, *, device="cpu"):
     from logitpair.checkpoint import load_model as _load_model
 
     return _load_model(path, device=device)
+
+
+def load_run(path, *, device="cpu", eps=None):
+    """``(model, RunInfo)`` of a run: the model and what its figures depend on (dataset, eps, model,
+    method, image size, input normalisation, training config), resolved once; see
+    :func:`logitpair.checkpoint.load_run`."""
+    from logitpair.checkpoint import load_run as _load_run
+
+    return _load_run(path, device=device, eps=eps)
 
 
 def create_model(name, num_classes=10, **kwargs):

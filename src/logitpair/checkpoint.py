@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -327,25 +328,97 @@ def _load_exported(weights: Path, meta_path: Path, device: str | torch.device) -
     return model.to(device).eval()
 
 
-# --------------------------------------------------------------------------- what a figure depends on
-def run_eps(model: nn.Module, eps: float | None = None, *, where: str = "the model") -> float:
-    """The L-inf radius to evaluate ``model`` at: ``eps`` if given, else the one it was trained
-    for (``model.json`` ``eps``, or ``loss.eps`` of a checkpoint's config). Never a default:
-    a model whose metadata names none is one :class:`ConfigError` naming ``where``."""
-    if eps is not None:
-        return float(eps)
-    meta = getattr(model, "meta", None) or {}
-    found = meta.get("eps", ((meta.get("config") or {}).get("loss") or {}).get("eps"))
-    if found is None:
-        raise ConfigError(f"{where}: its metadata names no training eps; give the eps to evaluate at explicitly")
-    return float(found)
+# --------------------------------------------------------------------------- typed runs
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run's figures depend on, resolved once from its metadata (never from defaults).
+
+    ``dataset`` and ``eps`` (the L-inf radius it was trained for, the default radius of its
+    evaluations) are required; so is ``model`` (the architecture's registry name, or a free label
+    for a model from elsewhere). ``config`` is the resolved training config (empty for a model
+    trained elsewhere); ``data`` the dataset options evaluation uses (``data_dir``,
+    ``image_size``, ``skip_bad``, ``workers``: a subset of the config's ``data`` section).
+    ``normalization`` is the model's input normalisation ``(mean, std)`` (None: none), read from
+    the network itself. Build it with :meth:`from_meta` / :func:`load_run` for our runs, or
+    directly from explicit values for models from elsewhere::
+
+        info = RunInfo(dataset="cifar10", eps=8 / 255, model="my-wrn")
+    """
+
+    dataset: str
+    eps: float
+    model: str
+    method: str | None = None
+    image_size: int | None = None
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        where = self.source or "RunInfo"
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ConfigError(f"{where}: dataset must be a dataset name, got {self.dataset!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 <= self.eps <= 1:
+            raise ConfigError(f"{where}: eps must be a number in [0, 1], got {self.eps!r}")
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"{where}: model must be a name, got {self.model!r}")
+
+    @classmethod
+    def from_meta(
+        cls, meta: dict[str, Any], *, where: str, module: nn.Module | None = None, eps: float | None = None
+    ) -> RunInfo:
+        """The one resolver: a run's ``model.json`` (or a checkpoint's state) -> RunInfo. Anything
+        a figure depends on that the metadata does not name is one :class:`ConfigError` naming
+        ``where``. ``eps``: evaluate at this radius instead of (or, if it names none, in place of)
+        the run's training eps."""
+        cfg = meta.get("config") or {}
+        data = cfg.get("data") or {}
+        spec = meta.get("model") or {}
+        dataset = meta.get("dataset") or data.get("dataset")
+        if not dataset:
+            raise ConfigError(f"{where}: its metadata names no dataset; logitpair does not guess which test set to use")
+        if eps is None:
+            eps = meta.get("eps", (cfg.get("loss") or {}).get("eps"))
+        if eps is None:
+            raise ConfigError(f"{where}: its metadata names no training eps; give the eps to evaluate at explicitly")
+        if not spec.get("name"):
+            raise ConfigError(f"{where}: its metadata names no model architecture ('model.name')")
+        return cls(
+            dataset=str(dataset), eps=float(eps), model=str(spec["name"]), method=meta.get("method") or cfg.get("method"),
+            image_size=(spec.get("kwargs") or {}).get("image_size"), normalization=normalization_of(module),
+            config=dict(cfg), data={k: data[k] for k in DATA_KEYS if k in data}, source=where,
+        )  # fmt: skip
 
 
-def run_dataset(model: nn.Module, *, where: str = "the model") -> str:
-    """The dataset ``model`` was trained on (``model.json`` ``dataset``, or ``data.dataset`` of a
-    checkpoint's config); a model whose metadata names none is one :class:`ConfigError`."""
-    meta = getattr(model, "meta", None) or {}
-    found = meta.get("dataset") or ((meta.get("config") or {}).get("data") or {}).get("dataset")
-    if not found:
-        raise ConfigError(f"{where}: its metadata names no dataset; logitpair does not guess which test set to use")
-    return str(found)
+DATA_KEYS = ("data_dir", "image_size", "skip_bad", "workers", "val_size")
+
+
+def normalization_of(module: nn.Module | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The ``(mean, std)`` of the first input-normalisation layer of ``module`` (None if it has none)."""
+    for m in module.modules() if module is not None else ():
+        mean, std = getattr(m, "mean", None), getattr(m, "std", None)
+        if type(m).__name__ == "Normalize" and isinstance(mean, Tensor) and isinstance(std, Tensor):
+            return tuple(mean.flatten().tolist()), tuple(std.flatten().tolist())
+    return None
+
+
+def run_info(model: nn.Module, *, where: str = "the model", eps: float | None = None) -> RunInfo:
+    """The :class:`RunInfo` of a model loaded by :func:`load_model` (from its ``meta``); ``eps`` as in
+    :meth:`RunInfo.from_meta`."""
+    meta = getattr(model, "meta", None)
+    if not isinstance(meta, dict):
+        raise ConfigError(
+            f"{where}: a model without logitpair metadata; describe it with RunInfo(dataset=, eps=, model=)"
+        )
+    return RunInfo.from_meta(meta, where=where, module=model, eps=eps)
+
+
+def load_run(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", eps: float | None = None
+) -> tuple[nn.Module, RunInfo]:
+    """``(model, RunInfo)`` of a run directory, checkpoint or ``model.safetensors``: the model as
+    :func:`load_model` returns it, and what its figures depend on, resolved once (``eps``: evaluate
+    at this radius instead of the training eps)."""
+    model = load_model(path, device=device)
+    return model, run_info(model, where=str(path), eps=eps)

@@ -9,7 +9,7 @@ from typing import Any
 
 from logitpair.audit.checks import AuditSettings, audit
 from logitpair.audit.report import audit_markdown, plot_audit
-from logitpair.checkpoint import load_model, run_eps
+from logitpair.checkpoint import load_model, load_run
 from logitpair.environment import parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.run import test_points
@@ -54,15 +54,15 @@ def audit_run(
         raise ConfigError(f"--n: expected >= 1, got {n}")
     run_dir = Path(run_dir)
     dev = parse_device(device)
-    model = load_model(run_dir, device=dev)
+    model, info = load_run(run_dir, device=dev, eps=eps)
     src = load_model(source, device=dev) if source is not None else None
-    threat = Linf(run_eps(model, eps, where=str(run_dir)))
-    x, y, dataset = test_points(model, n if n is not None else (200 if quick else 500), data_dir, where=str(run_dir))
+    threat = Linf(info.eps)
+    x, y, dataset = test_points(info, n if n is not None else (200 if quick else 500), data_dir)
     rep = audit(model, x, y, threat=threat, source=src, quick=quick, seed=seed, progress=progress, settings=settings)
     out: dict[str, Any] = {
         "run": str(run_dir),
         "dataset": dataset,
-        "method": model.meta.get("method"),  # for the reader only: the checks never look at it
+        "method": info.method,  # for the reader only: the checks never look at it
         "source": None if source is None else str(source),
         "n": len(y),
         "eps": threat.eps,

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from logitpair.attacks import EnsembleLogits
-from logitpair.checkpoint import load_model, run_dataset, run_eps
+from logitpair.checkpoint import RunInfo, load_model, load_run, run_info
 from logitpair.config import DataConfig, build
 from logitpair.data import load_dataset, take
 from logitpair.environment import parse_device
@@ -70,22 +70,20 @@ class EvalOptions:
 
 
 def test_points(
-    model: nn.Module, n: int | None, data_dir: str | None, where: str = "the model"
+    run: RunInfo | nn.Module, n: int | None, data_dir: str | None = None, where: str = "the model"
 ) -> tuple[Tensor, Tensor, str]:
-    """The first ``n`` test points (all if None) of the dataset the model was trained on, as
-    ``(x, y, dataset)`` tensors with the evaluation transform. The dataset options of the run's
-    config (``image_size``, ``skip_bad``) and its decoding ``workers`` are used, so a folder
-    dataset gives images of the size the model was trained at; ``data_dir`` overrides the run's."""
-    meta = getattr(model, "meta", None) or {}
-    cfg = meta.get("config") or {}
-    data = cfg.get("data") or {}
-    dataset = run_dataset(model, where=where)
+    """The first ``n`` test points (all if None) of the dataset a run was trained on, as
+    ``(x, y, dataset)`` tensors with the evaluation transform. ``run`` is its :class:`RunInfo` (or
+    a model loaded by ``load_model``, whose RunInfo is resolved, naming ``where`` in errors). The
+    run's dataset options (``image_size``, ``skip_bad``) and its decoding ``workers`` are used, so a
+    folder dataset gives images of the size the model was trained at; ``data_dir`` overrides the run's."""
+    info = run if isinstance(run, RunInfo) else run_info(run, where=where)
     known = {f.name for f in dataclasses.fields(DataConfig)}
-    dcfg = build(DataConfig, {k: v for k, v in data.items() if k in known})
-    splits = load_dataset(dataset, data_dir or dcfg.data_dir, val_size=0, **dcfg.options())
+    dcfg = build(DataConfig, {k: v for k, v in info.data.items() if k in known})
+    splits = load_dataset(info.dataset, data_dir or dcfg.data_dir, val_size=0, **dcfg.options())
     test = splits.test
     x, y = take(test, len(test) if n is None else n, workers=dcfg.workers)
-    return x, y, dataset
+    return x, y, info.dataset
 
 
 def source_runs(source: str | Path | Sequence[str | Path]) -> list[str]:
@@ -143,11 +141,11 @@ def evaluate_run(
     are saved in ``RUN/eval-state/`` after every batch."""
     run_dir = Path(run_dir)
     device = parse_device(opts.device)
-    model = load_model(run_dir, device=device)
+    model, info = load_run(run_dir, device=device, eps=opts.eps)
     src = load_source(source, device) if source is not None else None  # before any work: a bad source fails fast
-    eps = run_eps(model, opts.eps, where=str(run_dir))
+    eps = info.eps
     threat = Linf(eps)
-    x, y, dataset = test_points(model, opts.n, opts.data_dir, where=str(run_dir))
+    x, y, dataset = test_points(info, opts.n, opts.data_dir)
     baseline = pgd_spec(opts.steps, opts.restarts, opts.step_size)
     white = [baseline, *strong_attacks(opts)]
     state_dir = run_dir / "eval-state" if (write and opts.resume and run_dir.is_dir()) else None
@@ -170,7 +168,7 @@ def evaluate_run(
     out: dict[str, Any] = {
         "run": str(run_dir),
         "dataset": dataset,
-        "method": model.meta.get("method"),
+        "method": info.method,
         "n": len(y),
         "eps": eps,
         "suite": None if opts.attacks else opts.suite,

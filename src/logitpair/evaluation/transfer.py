@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from logitpair.attacks import ATTACKS, EnsembleLogits, predict
-from logitpair.checkpoint import load_model, run_dataset, run_eps
+from logitpair.checkpoint import load_model, run_info
 from logitpair.errors import ConfigError, LogitpairError
 from logitpair.evaluation.protocol import run_protocol
 from logitpair.evaluation.run import test_points, weights_digest
@@ -301,17 +301,18 @@ def _names(paths: Sequence[str]) -> list[str]:
 
 
 def _check_common(models: Mapping[str, nn.Module], everything: Mapping[str, nn.Module], eps: float | None) -> float:
-    datasets = {name: run_dataset(m, where=f"run {name}") for name, m in everything.items()}
+    infos = {name: run_info(m, where=f"run {name}", eps=eps) for name, m in everything.items()}
+    datasets = {name: info.dataset for name, info in infos.items()}
     if len(set(datasets.values())) > 1:
         shown = ", ".join(f"{k}: {v}" for k, v in datasets.items())
         raise ConfigError(f"the runs use different datasets ({shown}); a transfer study needs one test set")
     if eps is not None:
         return eps
-    found = {name: run_eps(m, where=f"run {name}") for name, m in models.items()}
+    found = {name: infos[name].eps for name in models}
     values = list(found.values())
     if any(not math.isclose(v, values[0], rel_tol=1e-9, abs_tol=1e-12) for v in values):
         shown = ", ".join(f"{k}: {v:g}" for k, v in found.items())
-        raise ConfigError(f"the runs were trained for different eps ({shown}); pass --eps")
+        raise ConfigError(f"the runs were trained for different eps ({shown}); give the eps explicitly")
     return values[0]
 
 

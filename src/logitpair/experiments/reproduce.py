@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from logitpair.attacks import parse_official
 from logitpair.attacks.common import predict
 from logitpair.audit import AuditSettings, audit_run
-from logitpair.checkpoint import load_model
+from logitpair.checkpoint import load_model, run_info
 from logitpair.config import RunConfig, make_config, merge, to_dict
 from logitpair.data import DATASETS, load_dataset
 from logitpair.environment import environment
@@ -386,7 +386,7 @@ def _evaluate_seed(opts: ReproduceOptions, plan: Plan, dirs: dict[str, Path], se
 
     def data_of(name: str) -> tuple[Tensor, Tensor]:
         m = model(name)
-        key = repr(((m.meta.get("config") or {}).get("data") or {}).get("image_size"))
+        key = repr(run_info(m, where=str(dirs[name])).data.get("image_size"))
         if key not in points:
             x, y, _ = test_points(m, plan.n, data_dir)
             points[key] = (x, y)
