@@ -239,8 +239,9 @@ def build_suite(task: dict[str, Any], device: torch.device) -> tuple[Callable[[]
     """One evaluation of a run on its first ``n`` test points: a suite of ours (``suite``), the
     reference AutoAttack (``suite="autoattack"``), or with ``individual`` every attack of the
     suite separately on all points (the cost without the survivors-only protocol)."""
-    from logitpair.evaluation import AttackSpec, get_suite, run_protocol
-    from logitpair.evaluation.gates import split_params
+    from dataclasses import replace
+
+    from logitpair.evaluation import get_suite, run_protocol
     from logitpair.metrics import summarize
     from logitpair.threat import Linf
 
@@ -269,7 +270,7 @@ def build_suite(task: dict[str, Any], device: torch.device) -> tuple[Callable[[]
         if task.get("individual"):
             # every attack on all points: a gate needs the margins of the attacks before it, so
             # here the gated attacks run ungated (what they would cost without the protocol)
-            alone = [AttackSpec(s.name, split_params(dict(s.params))[0], s.label) for s in specs]
+            alone = [replace(s, gate=None) for s in specs]
             res = [run_protocol(model, x, y, [s], threat=threat, batch_size=batch, seed=seed) for s in alone]
             robust = torch.stack([r.robust for r in res]).all(0)
             return {"eps": eps, "robust": summarize(robust)}

@@ -111,7 +111,7 @@ def measure(name: str, n: int, threads: int, eps: float | None = None) -> dict[s
     out["targets"] = targets
     specs = get_suite("fast")
     s = run_protocol(model, x, y, specs, threat=threat, seed=0).summary()
-    near = [a["label"] for a in s["attacks"] if a["params"].get("gate") == "near"]
+    near = [a["label"] for a in s["attacks"] if (a.get("gate") or {}).get("kind") == "near"]
     ran = sum(s["attacked"][lb] for lb in near)
     out["fast"] = {
         "robust": round(s["robust"]["value"] * s["n"]), "attacked": s["attacked"], "broken_by": s["broken_by"],

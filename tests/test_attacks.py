@@ -130,3 +130,22 @@ def test_pgd_default_step_size_and_validation(trained_model, tiny_data):
     xa = pgd(trained_model, x, y, threat=Linf(0.01), steps=1, random_start=False, keep_best=False)
     interior = (x > 0.02) & (x < 0.98)
     assert torch.allclose((xa - x).abs()[interior], torch.tensor(0.01), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_registered_capabilities_match_the_function(name):
+    """The registry declares what each attack takes (the protocol never reads a signature); this
+    keeps the declarations true."""
+    import inspect
+
+    from logitpair.attacks import attack_info
+
+    info = attack_info(name)
+    params = inspect.signature(ATTACKS.get(name)).parameters
+    keyword = {k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    capability = {"threat", "generator", "targeted", "target", "k", "init", "rank_by"}
+    assert set(info.options) == keyword - capability
+    assert info.targeted == ({"targeted", "target"} <= keyword)
+    assert info.topk == ("k" in keyword)
+    assert set(info.warm) == keyword & {"init", "rank_by"}
+    assert info.gradient_free == (name in ("square", "noise"))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import logitpair
-from logitpair.attacks import ATTACKS
+from logitpair.attacks import ATTACK_INFO, ATTACKS, AttackInfo
 from logitpair.errors import ConfigError
 from logitpair.evaluation import AttackSpec, EvalOptions, evaluate_run, get_suite, run_protocol
 from logitpair.threat import Linf
@@ -120,8 +120,9 @@ def test_targeted_attacks_keep_attacking_until_the_target_is_hit(monkeypatch):
         out[torch.arange(len(x)), 0, 0, target] = 0.8
         return threat.project(x, out)
 
-    monkeypatch.setitem(ATTACKS._items, "wander", wander)
-    monkeypatch.setitem(ATTACKS._items, "reach", reach)
+    for name, fn in (("wander", wander), ("reach", reach)):
+        monkeypatch.setitem(ATTACKS._items, name, fn)
+        monkeypatch.setitem(ATTACK_INFO, name, AttackInfo(targeted=True))
     res = run_protocol(model, x, y, [AttackSpec("wander"), AttackSpec("reach")], threat=Linf(0.6), targeted=True)
     assert calls == [n], "every point not at its target goes to the next attack"
     assert res.target_hit.all() and not res.robust.any()

@@ -9,7 +9,7 @@ from torch import nn
 from logitpair.attacks import ATTACKS
 from logitpair.errors import ConfigError
 from logitpair.evaluation import SUITES, AttackSpec, get_suite, run_protocol
-from logitpair.evaluation.gates import BatchSignals, has_gates, margin, split_params
+from logitpair.evaluation.gates import BatchSignals, Gate, has_gates, margin, split_params
 from logitpair.threat import Linf
 
 
@@ -132,10 +132,13 @@ def test_one_lucky_square_success_in_a_large_batch_does_not_fire():
 
 
 def test_gate_settings_are_checked():
-    assert split_params({"steps": 5}) == ({"steps": 5}, {})
-    assert split_params({"steps": 5, "gate": "near", "max_margin": 0.3}) == (
-        {"steps": 5}, {"gate": "near", "max_margin": 0.3}
-    )  # fmt: skip
+    assert split_params({"steps": 5}) == ({"steps": 5}, None)
+    assert split_params({"steps": 5, "gate": "near", "max_margin": 0.3}) == ({"steps": 5}, Gate("near", max_margin=0.3))
+    spec = AttackSpec("apgd-ce", {"steps": 5, "gate": "near", "max_margin": 0.3})  # the --attacks syntax
+    assert spec.params == {"steps": 5} and spec.gate == Gate("near", max_margin=0.3), "gate keys leave the params"
+    assert spec.to_dict()["gate"] == {"kind": "near", "max_margin": 0.3}
+    with pytest.raises(ConfigError, match="twice"):
+        AttackSpec("apgd-ce", {"gate": "masking"}, gate=Gate("near", max_margin=0.3))
     for bad in (
         {"gate": "far"},
         {"gate": "near"},

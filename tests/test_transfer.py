@@ -200,7 +200,7 @@ def test_eps_option_overrides_differing_training_eps(runs, tmp_path, capsys):
     [
         (["{runs}/missing"], "no such run directory"),
         (["{runs}/mnist"], "different datasets (r0: fashion-mnist, r1: fashion-mnist, mnist: mnist)"),
-        (["{runs}/r2"], "trained for different eps (r0: 0.1, r1: 0.1, r2: 0.2); pass --eps"),
+        (["{runs}/r2"], "trained for different eps (r0: 0.1, r1: 0.1, r2: 0.2); give the eps explicitly"),
         (["--attack", "cw:steps=3"], "unknown attack 'cw'; valid names: apgd-ce"),
         (["--attack", "pgd:stepz=3"], "attack 'pgd' has no option 'stepz'; its options: steps"),
         (["--attack", "pgd,fgsm"], "--attack: expected one attack, got 2"),

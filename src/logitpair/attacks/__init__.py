@@ -4,6 +4,9 @@ Every attack sees [0, 1] pixels only, leaves the model's mode and parameter flag
 found them, and returns a tensor inside the threat model's ball and bounds.
 """
 
+from dataclasses import dataclass
+from typing import Any
+
 from logitpair.attacks.apgd import apgd, apgd_ce, apgd_dlr, apgd_t
 from logitpair.attacks.common import predict, random_target
 from logitpair.attacks.fab import fab, fab_t
@@ -16,26 +19,67 @@ from logitpair.attacks.square import square
 from logitpair.registry import Registry
 
 ATTACKS: Registry = Registry("attack")
-ATTACKS.register("fgsm")(fgsm)
-ATTACKS.register("pgd")(pgd)
-ATTACKS.register("apgd-ce")(apgd_ce)
-ATTACKS.register("apgd-dlr")(apgd_dlr)
-ATTACKS.register("apgd-t")(apgd_t)
-ATTACKS.register("square")(square)
-ATTACKS.register("noise")(random_noise)
-ATTACKS.register("fab-t")(fab_t)
-ATTACKS.register("fab")(fab)
-ATTACKS.register("mi-fgsm")(mi_fgsm)
-ATTACKS.register("official")(official)  # the official notation pgd|pgdll|pgdrnd_EPS_STEP_NITER by name
+
+
+@dataclass(frozen=True)
+class AttackInfo:
+    """What a registered attack can do, declared at registration (never read off its signature).
+
+    ``options``: the keyword options a user may set (``steps``, ``queries``, ...); ``targeted``: it
+    takes ``targeted=`` and ``target=`` (the targeted protocol); ``gradient_free``: it never
+    differentiates the model (its successes are a gradient-masking signal); ``topk``: it takes the
+    top-``k`` success criterion ``k=``; ``warm``: the warm-start inputs it takes (``init`` = start
+    point, ``rank_by`` = the points whose logits rank its target classes).
+    """
+
+    options: tuple[str, ...] = ()
+    targeted: bool = False
+    gradient_free: bool = False
+    topk: bool = False
+    warm: tuple[str, ...] = ()
+
+
+ATTACK_INFO: dict[str, AttackInfo] = {}
+
+
+def register(name: str, fn: Any, info: AttackInfo) -> None:
+    """Register attack ``fn`` under ``name`` with its capabilities."""
+    ATTACKS.register(name)(fn)
+    ATTACK_INFO[name] = info
+
+
+def attack_info(name: str) -> AttackInfo:
+    """The capabilities of attack ``name`` (none declared: an attack that only takes its options)."""
+    ATTACKS.get(name)  # unknown names: one error listing the valid ones
+    return ATTACK_INFO.get(name, AttackInfo())
+
+
+_APGD = ("steps", "restarts", "rho", "momentum", "trace")
+register("fgsm", fgsm, AttackInfo(targeted=True))
+register("pgd", pgd, AttackInfo(("steps", "step_size", "random_start", "restarts", "keep_best"), targeted=True,
+                                topk=True, warm=("init",)))  # fmt: skip
+register("apgd-ce", apgd_ce, AttackInfo(_APGD, topk=True))
+register("apgd-dlr", apgd_dlr, AttackInfo(_APGD, topk=True))
+register("apgd-t", apgd_t, AttackInfo((*_APGD, "n_target_classes"), topk=True, warm=("init", "rank_by")))
+register("square", square, AttackInfo(("queries", "p_init", "restarts"), targeted=True, gradient_free=True, topk=True))
+register("noise", random_noise, AttackInfo(("samples",), gradient_free=True, topk=True))
+register("fab-t", fab_t, AttackInfo(("steps", "n_target_classes", "restarts", "alpha_max", "eta", "beta"), topk=True))
+register("fab", fab, AttackInfo(("steps", "restarts", "alpha_max", "eta", "beta"), topk=True))
+register("mi-fgsm", mi_fgsm, AttackInfo(("steps", "decay", "step_size"), targeted=True))
+# the official notation pgd|pgdll|pgdrnd_EPS_STEP_NITER by name; its settings are in the name
+register("official", official, AttackInfo(("spec",), targeted=True))
 
 __all__ = [
     "ATTACKS",
+    "ATTACK_INFO",
+    "AttackInfo",
     "EnsembleLogits",
     "OfficialSpec",
     "apgd",
     "apgd_ce",
     "apgd_dlr",
     "apgd_t",
+    "attack_info",
     "fab",
     "fab_t",
     "fgsm",

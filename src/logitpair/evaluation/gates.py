@@ -50,17 +50,17 @@ extra passes). Suites without gate keys never build them, so their results do no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from logitpair.attacks import attack_info
 from logitpair.errors import ConfigError
 
 GATE_KEYS = ("gate", "max_margin", "stalled", "warm", "min_flat", "square_rate", "min_ahead", "min_yield", "min_broken")
 GATES = ("near", "masking", "escalate", "all")
-GRADIENT_FREE = frozenset({"square", "noise"})
 MIN_FLAT = 0.05
 SQUARE_RATE = 0.002
 MIN_AHEAD = 0.05
@@ -68,50 +68,76 @@ MIN_YIELD = 0.15
 MIN_BROKEN = 5
 
 
-def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``params`` -> (keyword arguments of the attack, the gate's settings; empty if none)."""
-    kwargs = {k: v for k, v in params.items() if k not in GATE_KEYS}
-    gate = {k: v for k, v in params.items() if k in GATE_KEYS}
-    if gate:
-        check_gate(gate)
-    return kwargs, gate
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _fraction(gate: dict[str, Any], key: str, default: float, low_open: bool = True) -> None:
-    value = gate.get(key, default)
-    ok = isinstance(value, (int, float)) and (0 < value <= 1 if low_open else 0 <= value < 1)
-    if not ok:
-        raise ConfigError(
-            f"gate={gate.get('gate')}: {key} must be in {'(0, 1]' if low_open else '[0, 1)'}, got {value!r}"
+@dataclass(frozen=True)
+class Gate:
+    """Where an attack of a suite runs: the gate's ``kind`` and settings (see the module doc).
+
+    ``kind``: ``near`` (``max_margin``, optional ``stalled``), ``escalate`` (``min_yield``,
+    ``min_broken``), ``masking`` (``min_flat``, ``square_rate``, ``min_ahead``) or ``all``;
+    ``warm``: start at the lowest-margin point so far (any kind).
+    """
+
+    kind: str = "all"
+    max_margin: float | None = None
+    stalled: float | None = None
+    warm: bool = False
+    min_flat: float = MIN_FLAT
+    square_rate: float = SQUARE_RATE
+    min_ahead: float = MIN_AHEAD
+    min_yield: float = MIN_YIELD
+    min_broken: int = MIN_BROKEN
+
+    def __post_init__(self) -> None:
+        if self.kind not in GATES:
+            raise ConfigError(f"gate: expected one of {', '.join(GATES)}, got {self.kind!r}")
+        if self.kind == "near" and not (_number(self.max_margin) and self.max_margin > 0):  # type: ignore[operator]
+            raise ConfigError(f"gate=near needs max_margin > 0, got {self.max_margin!r}")
+        if self.stalled is not None and not (_number(self.stalled) and self.stalled > 0):
+            raise ConfigError(f"gate: stalled must be > 0, got {self.stalled!r}")
+        if not isinstance(self.warm, bool):
+            raise ConfigError(f"gate: warm must be true or false, got {self.warm!r}")
+        for key, low_open in (("min_flat", True), ("square_rate", False), ("min_ahead", True), ("min_yield", True)):
+            value = getattr(self, key)
+            if not (_number(value) and (0 < value <= 1 if low_open else 0 <= value < 1)):
+                raise ConfigError(f"gate: {key} must be in {'(0, 1]' if low_open else '[0, 1)'}, got {value!r}")
+        if not (isinstance(self.min_broken, int) and not isinstance(self.min_broken, bool) and self.min_broken >= 1):
+            raise ConfigError(f"gate: min_broken must be an integer >= 1, got {self.min_broken!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The kind and the settings that differ from their defaults."""
+        default = Gate()
+        out: dict[str, Any] = {"kind": self.kind}
+        out.update(
+            {
+                f.name: getattr(self, f.name)
+                for f in fields(self)[1:]
+                if getattr(self, f.name) != getattr(default, f.name)
+            }
         )
+        return out
 
 
-def check_gate(gate: dict[str, Any]) -> None:
-    kind = gate.get("gate", "all")
-    if kind not in GATES:
-        raise ConfigError(f"gate: expected one of {', '.join(GATES)}, got {kind!r} (settings {gate})")
-    if kind == "near" and not (isinstance(gate.get("max_margin"), (int, float)) and gate["max_margin"] > 0):
-        raise ConfigError(f"gate=near needs max_margin > 0, got {gate.get('max_margin')!r}")
-    if "stalled" in gate and not (isinstance(gate["stalled"], (int, float)) and gate["stalled"] > 0):
-        raise ConfigError(f"gate: stalled must be > 0, got {gate['stalled']!r}")
-    if "warm" in gate and not isinstance(gate["warm"], bool):
-        raise ConfigError(f"gate: warm must be true or false, got {gate['warm']!r}")
-    if kind == "escalate":
-        _fraction(gate, "min_yield", MIN_YIELD)
-        if not (isinstance(gate.get("min_broken", MIN_BROKEN), int) and gate.get("min_broken", MIN_BROKEN) >= 1):
-            raise ConfigError(f"gate=escalate: min_broken must be an integer >= 1, got {gate.get('min_broken')!r}")
-    if kind == "masking":
-        _fraction(gate, "min_flat", MIN_FLAT)
-        _fraction(gate, "square_rate", SQUARE_RATE, low_open=False)
-        _fraction(gate, "min_ahead", MIN_AHEAD)
+def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], Gate | None]:
+    """``params`` written with gate keys (the ``--attacks`` syntax ``gate=near;max_margin=0.3``) ->
+    (keyword arguments of the attack, its :class:`Gate`; None without gate keys)."""
+    kwargs = {k: v for k, v in params.items() if k not in GATE_KEYS}
+    settings = {k: v for k, v in params.items() if k in GATE_KEYS}
+    if not settings:
+        return kwargs, None
+    kind = settings.pop("gate", "all")
+    return kwargs, Gate(kind, **settings)
 
 
 def has_gates(attacks: list[Any]) -> bool:
-    return any(k in a.params for a in attacks for k in GATE_KEYS)
+    return any(a.gate is not None for a in attacks)
 
 
 def wants_warm(attacks: list[Any]) -> bool:
-    return any(a.params.get("warm") for a in attacks)
+    return any(a.gate is not None and a.gate.warm for a in attacks)
 
 
 def margin(logits: Tensor, y: Tensor) -> Tensor:
@@ -166,26 +192,19 @@ class BatchSignals:
             "nonfinite": self.nonfinite,
         }
 
-    def select(self, gate: dict[str, Any], idx: Tensor) -> Tensor:
+    def select(self, gate: Gate | None, idx: Tensor) -> Tensor:
         """The subset of the still-robust points ``idx`` the gate lets the attack run on."""
-        kind = gate.get("gate", "all")
-        if kind == "all":
+        if gate is None or gate.kind == "all":
             return idx
-        if kind == "near":
+        if gate.kind == "near":
             rem = self.remaining()[idx]
-            keep = ~(rem >= gate["max_margin"])  # a NaN margin is never skipped
-            if "stalled" in gate:
-                keep |= rem >= gate["stalled"]
+            keep = ~(rem >= gate.max_margin)  # a NaN margin is never skipped
+            if gate.stalled is not None:
+                keep |= rem >= gate.stalled
             return idx[keep]
-        if kind == "escalate":
-            return (
-                idx
-                if self.escalating(gate.get("min_yield", MIN_YIELD), gate.get("min_broken", MIN_BROKEN))
-                else idx[:0]
-            )
-        fired = self.masking(
-            gate.get("min_flat", MIN_FLAT), gate.get("square_rate", SQUARE_RATE), gate.get("min_ahead", MIN_AHEAD)
-        )
+        if gate.kind == "escalate":
+            return idx if self.escalating(gate.min_yield, gate.min_broken) else idx[:0]
+        fired = self.masking(gate.min_flat, gate.square_rate, gate.min_ahead)
         return idx if any(fired.values()) else idx[:0]
 
     def escalating(self, min_yield: float = MIN_YIELD, min_broken: int = MIN_BROKEN) -> bool:
@@ -206,11 +225,12 @@ class BatchSignals:
         """Record attack ``name``'s outcome on the points ``idx`` (``adv_logits`` at its output ``xa``;
         ``gate``: the kind of gate it ran behind)."""
         m = margin(adv_logits, y)
-        if gate == "near" and name not in GRADIENT_FREE:
+        gradient_free = attack_info(name).gradient_free
+        if gate == "near" and not gradient_free:
             self.near_attacked += len(idx)
             self.near_broken += int(newly_broken.sum())
         self.nonfinite |= not bool(torch.isfinite(adv_logits).all())
-        if name in GRADIENT_FREE:
+        if gradient_free:
             self.gradient_free_broke += int(newly_broken.sum())
             self.free_margin[idx] = torch.minimum(self.free_margin[idx], m)
         else:

@@ -10,7 +10,6 @@ crafted on a separate source model and only evaluated on the target (black-box t
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import zlib
 from dataclasses import dataclass
@@ -22,10 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from logitpair.attacks import ATTACKS
+from logitpair.attacks import ATTACKS, attack_info
 from logitpair.attacks.common import model_device, predict, random_target
 from logitpair.errors import ConfigError
-from logitpair.evaluation.gates import BatchSignals, has_gates, split_params, wants_warm
+from logitpair.evaluation.gates import BatchSignals, has_gates, wants_warm
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.evaluation.suites import get_suite
 from logitpair.metrics import summarize, topk_correct
@@ -149,7 +148,7 @@ def run_protocol(
     if any(a.transfer for a in attacks) and source is None:
         raise ValueError("a transfer attack needs a source model")
     if targeted:
-        unsupported = [a.label for a in attacks if not takes(a.name, "targeted")]
+        unsupported = [a.label for a in attacks if not attack_info(a.name).targeted]
         if unsupported:
             raise ConfigError(f"targeted evaluation: attacks {', '.join(unsupported)} have no targeted mode")
     n = len(x)
@@ -192,11 +191,6 @@ def run_protocol(
         threat=threat, seed=seed, clean_top5=st.get("clean5"), robust_top5=st.get("robust5"),
         target=st.get("target"), target_hit=st.get("hit"), adversarial=st.get("adv"), attacked=st.get("attacked"),
     )  # fmt: skip
-
-
-def takes(name: str, option: str) -> bool:
-    """Whether the registered attack ``name`` accepts the keyword ``option`` (``targeted``, ``k``)."""
-    return option in inspect.signature(ATTACKS.get(name)).parameters
 
 
 @dataclass
@@ -290,19 +284,18 @@ def _attack_pass(
 ) -> None:  # fmt: skip
     """Attack ``i`` with top-``k`` success on the batch's pool for ``k`` (after its gate, if any)."""
     idx = batch.pool(k)
-    kwargs, gate = dict(spec.params), {}
+    kwargs, gate, info = dict(spec.params), spec.gate, attack_info(spec.name)
     if batch.signals is not None:
-        kwargs, gate = split_params(kwargs)
         idx = batch.signals.select(gate, idx)
-        if gate.get("warm") and len(idx):  # start at, and rank targets by, the lowest-margin point so far
-            kwargs.update({key: batch.signals.warm_start(idx) for key in ("init", "rank_by") if takes(spec.name, key)})
+        if gate is not None and gate.warm and len(idx):  # start at, and rank targets by, the lowest-margin point
+            kwargs.update({key: batch.signals.warm_start(idx) for key in info.warm})
     if len(idx) == 0:
         return
     if "attacked" in st:
         st["attacked"][i] += len(idx)
     if batch.target is not None:
         kwargs.update(targeted=True, target=batch.target[idx])
-    if k > 1 and takes(spec.name, "k"):
+    if k > 1 and info.topk:
         kwargs["k"] = k
     xb, yb = batch.x[idx], batch.y[idx]
     gen = torch.Generator(device=xb.device).manual_seed(_seed_for(*seed_parts))
@@ -310,7 +303,7 @@ def _attack_pass(
     xa = ATTACKS.get(spec.name)(attacker, xb, yb, threat=threat, generator=gen, **kwargs)
     if not bool(threat.contains(xb, xa).all()):
         raise RuntimeError(f"attack {spec.label} left the threat model")
-    batch.record(i, k, spec.name, idx, predict(model, xa), xa, st.get("adv"), start, gate.get("gate", "all"))
+    batch.record(i, k, spec.name, idx, predict(model, xa), xa, st.get("adv"), start, gate.kind if gate else "all")
 
 
 def _run_batch(

@@ -42,6 +42,7 @@ from typing import Any
 
 from logitpair.attacks import ATTACKS, parse_official
 from logitpair.errors import ConfigError
+from logitpair.evaluation.gates import Gate
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.threat import parse_fraction
 
@@ -75,24 +76,27 @@ SUITES: dict[str, tuple[AttackSpec, ...]] = {
         AttackSpec("apgd-ce", {"steps": 10}, "APGD-CE (10 steps)"),
         AttackSpec(
             "apgd-t",
-            {"steps": 50, "n_target_classes": 1, "gate": "near", "max_margin": 0.6, "stalled": 0.9, "warm": True},
+            {"steps": 50, "n_target_classes": 1},
             "APGD-T (top target, 50 steps, warm; remaining margin < 0.6 or >= 0.9)",
+            gate=Gate("near", max_margin=0.6, stalled=0.9, warm=True),
         ),
         AttackSpec(
             "apgd-t",
-            {"steps": 50, "n_target_classes": 3, "gate": "near", "max_margin": 0.3, "warm": True},
+            {"steps": 50, "n_target_classes": 3},
             "APGD-T (3 targets, 50 steps, warm; remaining margin < 0.3)",
+            gate=Gate("near", max_margin=0.3, warm=True),
         ),
         AttackSpec(
-            "apgd-ce", {"steps": 50, "gate": "near", "max_margin": 0.1}, "APGD-CE (50 steps; remaining margin < 0.1)"
+            "apgd-ce", {"steps": 50}, "APGD-CE (50 steps; remaining margin < 0.1)", gate=Gate("near", max_margin=0.1)
         ),
         AttackSpec(
             "apgd-t",
-            {"steps": 50, "n_target_classes": 9, "gate": "escalate", "warm": True},
+            {"steps": 50, "n_target_classes": 9},
             "APGD-T (9 targets, 50 steps, warm; on a high yield)",
+            gate=Gate("escalate", warm=True),
         ),
         AttackSpec("square", {"queries": 100}, "Square (100 queries)"),
-        AttackSpec("square", {"queries": 5000, "gate": "masking"}, "Square (5000 queries; on a masking signal)"),
+        AttackSpec("square", {"queries": 5000}, "Square (5000 queries; on a masking signal)", gate=Gate("masking")),
     ),
 }
 

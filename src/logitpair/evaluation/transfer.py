@@ -30,7 +30,6 @@ seed and the batch size, and reused by a later call with the same settings. Exam
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import shutil
@@ -46,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from logitpair.attacks import ATTACKS, EnsembleLogits, predict
+from logitpair.attacks import ATTACKS, EnsembleLogits, attack_info, predict
 from logitpair.checkpoint import load_model, run_info
 from logitpair.errors import ConfigError, LogitpairError
 from logitpair.evaluation.protocol import run_protocol
@@ -105,13 +104,10 @@ class TransferResult:
 
 
 def check_attack(spec: AttackSpec) -> None:
-    """Fail with one line if ``spec`` names options its attack function does not take."""
-    params = inspect.signature(ATTACKS.get(spec.name)).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    allowed = [
-        k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in ("threat", "generator")
-    ]
+    """Fail with one line if ``spec`` names options its attack does not take (its registry entry says)."""
+    info = attack_info(spec.name)
+    allowed = [*info.options, *(("targeted", "target") if info.targeted else ()), *(("k",) if info.topk else ()),
+               *info.warm]  # fmt: skip
     unknown = sorted(set(spec.params) - set(allowed))
     if unknown:
         raise ConfigError(
