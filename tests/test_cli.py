@@ -124,3 +124,17 @@ def test_unknown_suite_and_attack(tmp_path, capsys):
     assert "unknown suite 'strongest'; valid suites: quick, standard" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path), "--attacks", "cw:steps=3", "--quiet"]) == 2
     assert "unknown attack 'cw'; valid names: apgd-ce" in capsys.readouterr().err
+
+
+def test_library_errors_name_options_the_command_line_names_flags():
+    from logitpair.cli.main import _flags, build_parser, describe
+    from logitpair.errors import ConfigError
+    from logitpair.evaluation import EvalOptions
+
+    with pytest.raises(ConfigError) as err:
+        EvalOptions(batch_size=0)
+    assert str(err.value) == "batch_size: expected >= 1, got 0", "the library names the option, not a flag"
+    flags = _flags(build_parser())
+    assert describe(err.value, flags) == "--batch-size: expected >= 1, got 0"
+    prose = ConfigError("`out` runs/x: directory holds files; pass `resume` to continue it or `overwrite` (`lenet`)")
+    assert describe(prose, flags) == "--out runs/x: directory holds files; pass --resume to continue it or --overwrite (`lenet`)"

@@ -196,7 +196,7 @@ def test_small_plan_is_the_demos_budget_on_fashion_mnist():
     assert any("lenet5" in s for s in plan.substitutions)
     full = make_plan(ReproduceOptions("table3", scale="full"))
     assert full.n == 1000 and full.suite_name == "standard" and full.paper.params == {"spec": "pgdrnd_16_2_10"}
-    with pytest.raises(ConfigError, match="--scale"):
+    with pytest.raises(ConfigError, match="scale"):
         ReproduceOptions("table1", scale="medium")
     with pytest.raises(ConfigError, match="unknown preset"):
         ReproduceOptions("table10")

@@ -142,7 +142,7 @@ def test_out_dir_protection(tmp_path, data_dir, splits):
     cfg = tiny_cfg(data_dir, method="regular", optim={"epochs": 1, "batch_size": 100})
     train(cfg, tmp_path / "run", splits=splits)
     before = (tmp_path / "run" / "model.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match="--resume .* or --overwrite"):
+    with pytest.raises(ConfigError, match="`resume` .* or `overwrite`"):
         train(cfg, tmp_path / "run", splits=splits)
     other = tiny_cfg(data_dir, method="clp", optim={"epochs": 1, "batch_size": 100})
     with pytest.raises(ConfigError, match="config differs.*method"):

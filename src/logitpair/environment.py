@@ -11,13 +11,13 @@ from logitpair._version import __version__
 from logitpair.errors import ConfigError
 
 
-def parse_device(text: str, option: str = "--device") -> torch.device:
+def parse_device(text: str, option: str = "device") -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N`` as a device, with one clear error when it is malformed or
     CUDA is not available here."""
     if not (text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
-        raise ConfigError(f"{option}: expected cpu, cuda or cuda:N, got {text!r}")
+        raise ConfigError(f"expected cpu, cuda or cuda:N, got {text!r}", option=option)
     if text != "cpu" and not torch.cuda.is_available():
-        raise ConfigError(f"{option} {text}: CUDA is not available on this machine (torch {torch.__version__})")
+        raise ConfigError(f"`{option}` {text}: CUDA is not available on this machine (torch {torch.__version__})")
     return torch.device(text)
 
 

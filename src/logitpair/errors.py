@@ -6,7 +6,16 @@ class LogitpairError(Exception):
 
 
 class ConfigError(LogitpairError, ValueError):
-    """An option or config value is unknown, of the wrong type or out of range."""
+    """An option or config value is unknown, of the wrong type or out of range.
+
+    ``option``: the setting at fault, as the field name of its options dataclass (``n``,
+    ``batch_size``); the message reads ``"n: expected >= 1, got 0"``, and the command line,
+    which alone knows flags, shows it as ``--n`` (:func:`logitpair.cli.main.describe`).
+    """
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        self.option, self.message = option, message
+        super().__init__(f"{option}: {message}" if option else message)
 
 
 class DataError(LogitpairError):

@@ -51,7 +51,7 @@ def audit_run(
     Returns the JSON document (top-level ``verdict``, ``checks``, ``settings``, ...).
     """
     if n is not None and n < 1:
-        raise ConfigError(f"--n: expected >= 1, got {n}")
+        raise ConfigError(f"expected >= 1, got {n}", option="n")
     run_dir = Path(run_dir)
     dev = parse_device(device)
     model, info = load_run(run_dir, device=dev, eps=eps)

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import os
+import re
 import sys
 
 from logitpair._version import __version__
 from logitpair.cli import audit, demo, evaluate, listing, reproduce, train, transfer
-from logitpair.errors import LogitpairError
+from logitpair.errors import ConfigError, LogitpairError
+from logitpair.training.distributed import env_world
 
 SUBCOMMANDS = (train, evaluate, audit, demo, listing, transfer, reproduce)
 
@@ -25,14 +26,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    """The ``dest`` names of every option of the parser and its subcommands."""
+    names: set[str] = set()
+    for action in parser._actions:
+        if action.option_strings:
+            names.add(action.dest)
+        for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+            names |= _flags(sub)
+    return names
+
+
+def describe(exc: LogitpairError, flags: set[str]) -> str:
+    """The error as the command line says it: options the library names (``ConfigError.option``,
+    or an option written in backticks in its message) appear as their flags."""
+    text = f"`{exc.option}`: {exc.message}" if isinstance(exc, ConfigError) and exc.option else str(exc)
+
+    def flag(m: re.Match[str]) -> str:
+        return "--" + m.group(1).replace("_", "-") if m.group(1) in flags else m.group(0)
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except LogitpairError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails; rank 0 says why
-            print(f"logitpair: error: {exc}", file=sys.stderr)
+        if env_world().is_main:  # under torchrun every rank fails; rank 0 says why
+            print(f"logitpair: error: {describe(exc, _flags(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("logitpair: interrupted", file=sys.stderr)

@@ -56,17 +56,17 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         if self.n is not None and self.n < 1:
-            raise ConfigError(f"--n: expected >= 1, got {self.n}")
+            raise ConfigError(f"expected >= 1, got {self.n}", option="n")
         if self.eps is not None and not 0 <= self.eps <= 1:
-            raise ConfigError(f"--eps: expected 0 <= eps <= 1, got {self.eps}")
+            raise ConfigError(f"expected 0 <= eps <= 1, got {self.eps}", option="eps")
         if self.steps < 1:
-            raise ConfigError(f"--steps: expected >= 1, got {self.steps}")
+            raise ConfigError(f"expected >= 1, got {self.steps}", option="steps")
         if self.restarts < 1:
-            raise ConfigError(f"--restarts: expected >= 1, got {self.restarts}")
+            raise ConfigError(f"expected >= 1, got {self.restarts}", option="restarts")
         if self.step_size is not None and not self.step_size > 0:
-            raise ConfigError(f"--step-size: expected > 0, got {self.step_size}")
+            raise ConfigError(f"expected > 0, got {self.step_size}", option="step_size")
         if self.batch_size < 1:
-            raise ConfigError(f"--batch-size: expected >= 1, got {self.batch_size}")
+            raise ConfigError(f"expected >= 1, got {self.batch_size}", option="batch_size")
 
 
 def test_points(
@@ -95,7 +95,7 @@ def source_runs(source: str | Path | Sequence[str | Path]) -> list[str]:
     else:
         parts = [str(p).strip() for p in source]
     if not parts or not all(parts):
-        raise ConfigError(f"--source: expected RUN or RUN,RUN,..., got {source!r}")
+        raise ConfigError(f"expected RUN or RUN,RUN,..., got {source!r}", option="source")
     return parts
 
 

@@ -125,7 +125,7 @@ def resolve_attack(name: str, params: dict[str, Any] | None = None, label: str =
     official = parse_official(name)
     if official is not None:
         if params:
-            raise ConfigError(f"--attacks: {name} takes no options (eps, step and steps are in its name)")
+            raise ConfigError(f"{name} takes no options (eps, step and steps are in its name)", option="attacks")
         return AttackSpec("official", {"spec": official.name}, label or name)
     ATTACKS.get(name)
     params = dict(params or {})
@@ -144,9 +144,9 @@ def parse_attacks(text: str) -> list[AttackSpec]:
         for kv in filter(None, opts.split(";")):
             key, sep, val = kv.partition("=")
             if not sep or not key.strip():
-                raise ConfigError(f"--attacks: expected key=value in {item!r}, got {kv!r}")
+                raise ConfigError(f"expected key=value in {item!r}, got {kv!r}", option="attacks")
             params[key.strip()] = _value(val.strip())
         specs.append(resolve_attack(name, params))
     if not specs:
-        raise ConfigError("--attacks: no attack given")
+        raise ConfigError("no attack given", option="attacks")
     return specs

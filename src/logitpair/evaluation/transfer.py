@@ -283,11 +283,11 @@ class TransferOptions:
 
     def __post_init__(self) -> None:
         if self.n is not None and self.n < 1:
-            raise ConfigError(f"--n: expected >= 1, got {self.n}")
+            raise ConfigError(f"expected >= 1, got {self.n}", option="n")
         if self.eps is not None and not 0 <= self.eps <= 1:
-            raise ConfigError(f"--eps: expected 0 <= eps <= 1, got {self.eps}")
+            raise ConfigError(f"expected 0 <= eps <= 1, got {self.eps}", option="eps")
         if self.batch_size < 1:
-            raise ConfigError(f"--batch-size: expected >= 1, got {self.batch_size}")
+            raise ConfigError(f"expected >= 1, got {self.batch_size}", option="batch_size")
 
 
 def _names(paths: Sequence[str]) -> list[str]:
@@ -334,9 +334,9 @@ def transfer_runs(
     names = _names(paths)
     for name, members in ensembles.items():
         if not name or not members or not all(members):
-            raise ConfigError(f"--ensemble: expected NAME=RUN+RUN, got {name}={'+'.join(members)}")
+            raise ConfigError(f"expected NAME=RUN+RUN, got {name}={'+'.join(members)}", option="ensemble")
         if name in names:
-            raise ConfigError(f"--ensemble: name {name!r} is also a run's name; choose another")
+            raise ConfigError(f"name {name!r} is also a run's name; choose another", option="ensemble")
     loaded: dict[str, nn.Module] = {}
 
     def get(path: str) -> nn.Module:

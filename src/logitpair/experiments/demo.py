@@ -98,7 +98,7 @@ class DemoOptions:
 
 def demo_configs(opts: DemoOptions) -> dict[str, RunConfig]:
     if opts.methods not in ("default", "all"):
-        raise ConfigError(f"--methods: expected default or all, got {opts.methods!r}")
+        raise ConfigError(f"expected default or all, got {opts.methods!r}", option="methods")
     base: dict[str, Any] = {"model": "lenet5", "loss": {"eps": EPS}, "val_points": 500, "val_suite": "fast"}
     base["data"] = {"data_dir": opts.data_dir, "val_size": opts.val_size}
     runs = DEMO_RUNS + (EXTRA_RUNS if opts.methods == "all" else [])

@@ -128,15 +128,15 @@ class ReproduceOptions:
     def __post_init__(self) -> None:
         PRESETS.get(self.preset)
         if self.scale not in SCALES:
-            raise ConfigError(f"--scale: expected one of {', '.join(SCALES)}, got {self.scale!r}")
+            raise ConfigError(f"expected one of {', '.join(SCALES)}, got {self.scale!r}", option="scale")
         if self.dataset is not None:
             DATASETS.get(self.dataset)
         if self.seeds < 1:
-            raise ConfigError(f"--seeds: expected >= 1, got {self.seeds}")
+            raise ConfigError(f"expected >= 1, got {self.seeds}", option="seeds")
         if self.n is not None and self.n < 1:
-            raise ConfigError(f"--n: expected >= 1, got {self.n}")
+            raise ConfigError(f"expected >= 1, got {self.n}", option="n")
         if self.batch_size < 1:
-            raise ConfigError(f"--batch-size: expected >= 1, got {self.batch_size}")
+            raise ConfigError(f"expected >= 1, got {self.batch_size}", option="batch_size")
 
     @property
     def out_dir(self) -> Path:
@@ -271,7 +271,7 @@ def reproduce(
     plan = make_plan(opts)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if plan.scale == "smoke" and world > 1 and opts.data_dir is None:
-        raise ConfigError("--scale smoke under torchrun: pass --data-dir (the generated data is per process)")
+        raise ConfigError("`scale` smoke under torchrun: pass `data_dir` (the generated data is per process)")
     out = opts.out_dir.resolve()
     work = out.with_name(f".{out.name}.work")
     keep = plan.scale == "full"  # full scale resumes an interrupted run; the others start afresh

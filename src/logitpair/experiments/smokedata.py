@@ -85,8 +85,8 @@ def write_smoke_data(dataset: str, root: Path, per_class: int = 2, test_per_clas
         (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     else:
         raise ConfigError(
-            f"--scale smoke: no generated data for dataset {dataset!r} "
-            "(mnist, fashion-mnist, svhn, cifar10, imagenet, tiny-imagenet); pass --data-dir"
+            f"`scale` smoke: no generated data for dataset {dataset!r} "
+            "(mnist, fashion-mnist, svhn, cifar10, imagenet, tiny-imagenet); pass `data_dir`"
         )
     return root
 

@@ -227,7 +227,7 @@ def _train(
     batch = cfg.optim.batch_size
     if batch % parts:
         raise ConfigError(
-            f"--batch-size {batch}: the global batch must divide into {world.world_size} process(es) x "
+            f"`batch_size` {batch}: the global batch must divide into {world.world_size} process(es) x "
             f"{accum} accumulation step(s) = {parts} equal micro-batches"
         )
     if cfg.val_suite:
@@ -242,7 +242,7 @@ def _train(
         log(f"skipped {train_set.skipped} unreadable training image(s)")
     steps_per_epoch = math.ceil(len(train_set) / batch) if parts == 1 else len(train_set) // batch
     if steps_per_epoch < 1:
-        raise ConfigError(f"--batch-size {batch}: larger than the {len(train_set)} training images")
+        raise ConfigError(f"`batch_size` {batch}: larger than the {len(train_set)} training images")
     _on_rank0(world, lambda: prepare_run_dir(out_dir, cfg, resume, overwrite, log))
     ckpt_root = out_dir / "checkpoints"
 

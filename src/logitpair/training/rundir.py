@@ -48,24 +48,24 @@ def prepare_run_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool
             try:
                 stored = json.loads(cfg_path.read_text())
             except (OSError, ValueError) as exc:
-                raise ConfigError(f"--resume: cannot read {cfg_path} ({exc})") from None
+                raise ConfigError(f"`resume`: cannot read {cfg_path} ({exc})") from None
             new = to_dict(cfg)
             if stored != new:
                 diff = _first_difference(stored, new)
-                raise ConfigError(f"--resume: the config differs from the one stored in {cfg_path} ({diff})")
+                raise ConfigError(f"`resume`: the config differs from the one stored in {cfg_path} ({diff})")
             remove_leftovers(out_dir)
             if not (out_dir / "env.json").is_file():  # killed right after writing config.json
                 checked_write(write_json, out_dir / "env.json", environment())
             return
         if out_dir.exists() and any(not _STALE_RE.match(p.name) for p in out_dir.iterdir()):
-            raise ConfigError(f"--resume: {out_dir} holds no run (no config.json)")
+            raise ConfigError(f"`resume`: {out_dir} holds no run (no config.json)")
         # a run killed before it wrote config.json saved nothing: start it from the beginning
         remove_leftovers(out_dir)
-        log(f"--resume: nothing saved in {out_dir} yet; starting the run from the beginning")
+        log(f"resume: nothing saved in {out_dir} yet; starting the run from the beginning")
     elif out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             what = "a different run" if cfg_path.is_file() else "files"
-            raise ConfigError(f"--out {out_dir}: directory holds {what}; pass --resume to continue it or --overwrite")
+            raise ConfigError(f"`out` {out_dir}: directory holds {what}; pass `resume` to continue it or `overwrite`")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checked_write(write_json, cfg_path, to_dict(cfg))
