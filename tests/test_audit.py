@@ -30,7 +30,9 @@ from conftest import make_images, train_small_cnn
 from torch import Tensor, nn
 
 from logitpair.audit import CHECK_DOCS, CHECK_NAMES, AuditSettings, audit, audit_run, paired_rise
+from logitpair.audit.store import AttackCrashed, RunStore
 from logitpair.evaluation import AttackSpec
+from logitpair.progress import Bar, null_progress
 from logitpair.threat import Linf
 
 SMALL = AuditSettings(
@@ -233,6 +235,35 @@ def test_paired_tolerance_rule():
     swapped[:10] = False
     swapped[50:60] = True  # 10 changed each way: no net rise
     assert paired_rise(ref, swapped)["rise"] == 0 and not paired_rise(ref, swapped)["exceeded"]
+
+
+# --------------------------------------------------------------------------- the keyed store
+class _Fails(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        raise RuntimeError("boom")
+
+
+def test_run_store_computes_each_key_once_and_keeps_crashes(trained_model, points):
+    x, y = points[0][:20], points[1][:20]
+    calls: list[str] = []
+
+    def progress(total: int, desc: str) -> Bar:  # counts the runs: run_protocol opens one bar per run
+        calls.append(desc)
+        return null_progress(total, desc)
+
+    runs = RunStore(trained_model, x, y, threat=Linf(0.05), progress=progress)
+    fgsm = [AttackSpec("fgsm", {}, "FGSM")]
+    first = runs.get(fgsm, 0.05, 0, "a")
+    assert runs.get(fgsm, 0.05, 0, "b") is first and calls == ["a"]
+    assert runs.key(fgsm, 0.05, 0) != runs.key(fgsm, 0.05, 1) != runs.key(fgsm, 0.1, 0)
+    assert runs.key(fgsm, 0.05, 0) != RunStore(trained_model, x[:10], y[:10], threat=Linf(0.05)).key(fgsm, 0.05, 0)
+    runs.get(fgsm, 0.1, 0, "c")
+    assert calls == ["a", "c"] and len(runs.keys()) == 2
+    broken = RunStore(_Fails(), x, y, threat=Linf(0.05))
+    for _ in range(2):
+        with pytest.raises(AttackCrashed, match="boom"):
+            broken.get(fgsm, 0.05, 0, "crash")
+    assert len(broken.keys()) == 1
 
 
 # --------------------------------------------------------------------------- run directory + CLI
