@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -30,8 +32,11 @@ from conftest import make_images, train_small_cnn
 from torch import Tensor, nn
 
 from logitpair.audit import CHECK_DOCS, CHECK_NAMES, AuditSettings, audit, audit_run, paired_rise
+from logitpair.audit.checks import CHECKS, RUN_ORDER
 from logitpair.audit.store import AttackCrashed, RunStore
+from logitpair.errors import ConfigError
 from logitpair.evaluation import AttackSpec
+from logitpair.evaluation.spec import pgd_spec
 from logitpair.progress import Bar, null_progress
 from logitpair.threat import Linf
 
@@ -237,7 +242,39 @@ def test_paired_tolerance_rule():
     assert paired_rise(ref, swapped)["rise"] == 0 and not paired_rise(ref, swapped)["exceeded"]
 
 
-# --------------------------------------------------------------------------- the keyed store
+# --------------------------------------------------------------------------- order and the keyed store
+# A weak baseline (PGD-2) and a suite of Square only: the PGD runs of the series then break
+# points the baseline missed, so the reference of noise/transfer/square ("the gradient attacks")
+# changed with the order of the checks when they read whatever earlier checks had cached.
+WEAK = replace(SMALL, baseline=pgd_spec(2, 1), suite=(AttackSpec("square", {"queries": 300}, "Square"),))
+
+
+@pytest.mark.parametrize("name,eps,wrap", [("plain", 0.05, lambda m: m), ("quantised", 0.3, Quantised)])
+def test_check_order_does_not_change_the_report(trained_model, points, source_model, name, eps, wrap):
+    """The reversed order and five seeded random permutations give the same checks JSON, summary,
+    curves and attack runs as the default order."""
+    x, y = points
+    model = wrap(trained_model).eval()
+
+    def report(order: tuple[str, ...]) -> tuple:
+        rep = audit(model, x, y, threat=Linf(eps), source=source_model, settings=WEAK, order=order).to_dict()
+        return rep["checks"], rep["summary"], rep["curves"], sorted(rep["settings"]["timings"])
+
+    assert set(CHECKS) == set(RUN_ORDER) == set(CHECK_NAMES)
+    ref = report(RUN_ORDER)
+    noise = next(c for c in ref[0] if c["name"] == "noise_not_stronger")
+    assert noise["data"]["reference_accuracy"] < ref[1]["baseline"]["value"]  # the series' PGD runs count
+    orders = [RUN_ORDER[::-1], *(tuple(random.Random(seed).sample(RUN_ORDER, len(RUN_ORDER))) for seed in range(5))]
+    for order in orders:
+        assert report(order) == ref, order
+
+
+def test_audit_rejects_an_order_that_is_not_a_permutation(trained_model, points):
+    x, y = points
+    with pytest.raises(ConfigError, match="order"):
+        audit(trained_model, x, y, threat=Linf(0.02), settings=SMALL, order=RUN_ORDER[1:])
+
+
 class _Fails(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         raise RuntimeError("boom")
