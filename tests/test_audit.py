@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -30,7 +32,12 @@ from conftest import make_images, train_small_cnn
 from torch import Tensor, nn
 
 from logitpair.audit import CHECK_DOCS, CHECK_NAMES, AuditSettings, audit, audit_run, paired_rise
+from logitpair.audit.checks import CHECKS, RUN_ORDER
+from logitpair.audit.store import AttackCrashed, RunStore
+from logitpair.errors import ConfigError
 from logitpair.evaluation import AttackSpec
+from logitpair.evaluation.spec import pgd_spec
+from logitpair.progress import Bar, null_progress
 from logitpair.threat import Linf
 
 SMALL = AuditSettings(
@@ -233,6 +240,67 @@ def test_paired_tolerance_rule():
     swapped[:10] = False
     swapped[50:60] = True  # 10 changed each way: no net rise
     assert paired_rise(ref, swapped)["rise"] == 0 and not paired_rise(ref, swapped)["exceeded"]
+
+
+# --------------------------------------------------------------------------- order and the keyed store
+# A weak baseline (PGD-2) and a suite of Square only: the PGD runs of the series then break
+# points the baseline missed, so the reference of noise/transfer/square ("the gradient attacks")
+# changed with the order of the checks when they read whatever earlier checks had cached.
+WEAK = replace(SMALL, baseline=pgd_spec(2, 1), suite=(AttackSpec("square", {"queries": 300}, "Square"),))
+
+
+@pytest.mark.parametrize("name,eps,wrap", [("plain", 0.05, lambda m: m), ("quantised", 0.3, Quantised)])
+def test_check_order_does_not_change_the_report(trained_model, points, source_model, name, eps, wrap):
+    """The reversed order and five seeded random permutations give the same checks JSON, summary,
+    curves and attack runs as the default order."""
+    x, y = points
+    model = wrap(trained_model).eval()
+
+    def report(order: tuple[str, ...]) -> tuple:
+        rep = audit(model, x, y, threat=Linf(eps), source=source_model, settings=WEAK, order=order).to_dict()
+        return rep["checks"], rep["summary"], rep["curves"], sorted(rep["settings"]["timings"])
+
+    assert set(CHECKS) == set(RUN_ORDER) == set(CHECK_NAMES)
+    ref = report(RUN_ORDER)
+    noise = next(c for c in ref[0] if c["name"] == "noise_not_stronger")
+    assert noise["data"]["reference_accuracy"] < ref[1]["baseline"]["value"]  # the series' PGD runs count
+    orders = [RUN_ORDER[::-1], *(tuple(random.Random(seed).sample(RUN_ORDER, len(RUN_ORDER))) for seed in range(5))]
+    for order in orders:
+        assert report(order) == ref, order
+
+
+def test_audit_rejects_an_order_that_is_not_a_permutation(trained_model, points):
+    x, y = points
+    with pytest.raises(ConfigError, match="order"):
+        audit(trained_model, x, y, threat=Linf(0.02), settings=SMALL, order=RUN_ORDER[1:])
+
+
+class _Fails(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        raise RuntimeError("boom")
+
+
+def test_run_store_computes_each_key_once_and_keeps_crashes(trained_model, points):
+    x, y = points[0][:20], points[1][:20]
+    calls: list[str] = []
+
+    def progress(total: int, desc: str) -> Bar:  # counts the runs: run_protocol opens one bar per run
+        calls.append(desc)
+        return null_progress(total, desc)
+
+    runs = RunStore(trained_model, x, y, threat=Linf(0.05), progress=progress)
+    fgsm = [AttackSpec("fgsm", {}, "FGSM")]
+    first = runs.get(fgsm, 0.05, 0, "a")
+    assert runs.get(fgsm, 0.05, 0, "b") is first and calls == ["a"]
+    assert runs.key(fgsm, 0.05, 0) != runs.key(fgsm, 0.05, 1) != runs.key(fgsm, 0.1, 0)
+    assert runs.key(fgsm, 0.05, 0) != RunStore(trained_model, x[:10], y[:10], threat=Linf(0.05)).key(fgsm, 0.05, 0)
+    runs.get(fgsm, 0.1, 0, "c")
+    assert calls == ["a", "c"] and len(runs.keys()) == 2
+    broken = RunStore(_Fails(), x, y, threat=Linf(0.05))
+    for _ in range(2):
+        with pytest.raises(AttackCrashed, match="boom"):
+            broken.get(fgsm, 0.05, 0, "crash")
+    assert len(broken.keys()) == 1
 
 
 # --------------------------------------------------------------------------- run directory + CLI

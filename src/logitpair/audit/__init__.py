@@ -1,7 +1,8 @@
 """Gradient-masking audit: named checks judged from a model's behaviour, a verdict, a report.
 
 ``audit(model, x, y, threat=...)`` runs the checks (:mod:`logitpair.audit.checks`, documented
-in :mod:`logitpair.audit.docs`); ``audit_run(run_dir)`` does it on a run directory and writes
+in :mod:`logitpair.audit.docs`), which share their attack runs through a keyed store
+(:mod:`logitpair.audit.store`); ``audit_run(run_dir)`` does it on a run directory and writes
 ``audit.json``, ``audit.md`` and plots (:mod:`logitpair.audit.report`).
 """
 

@@ -19,6 +19,14 @@ Example::
     print(report.verdict, report.reasons)
     audit_run("runs/lsq", quick=True)          # writes audit.json, audit.md and plots (audit.run)
 
+Each check is a function ``check_<name>(inputs, runs)`` of explicit inputs
+(:class:`AuditInputs`: model, points, threat, source, seed, settings) and of a keyed
+:class:`~logitpair.audit.store.RunStore`, from which it requests the attack runs it needs; a
+run is keyed by its attack specs, eps, seed and points, computed on its first request and
+reused by every later one. No check reads what another happened to run before it, and
+randomness is seeded from ``seed`` alone, so any order of the checks gives the same report
+(:data:`RUN_ORDER` is the default one). :data:`CHECKS` maps every name to its function.
+
 Budget: attacks shared by several checks run once (the PGD-20 run serves the steps, restarts
 and eps series). The full audit (standard suite, 500 points by default in :func:`audit_run`)
 takes 5-10 minutes for a LeNet-5 on Fashion-MNIST on one CPU core, most of it Square's
@@ -29,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,8 +48,9 @@ from torch import Tensor, nn
 
 from logitpair.attacks.common import model_device
 from logitpair.audit.docs import CHECK_NAMES
+from logitpair.audit.store import AttackCrashed, RunStore
 from logitpair.errors import ConfigError
-from logitpair.evaluation.protocol import run_protocol
+from logitpair.evaluation.protocol import ProtocolResult
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.metrics import summarize
 from logitpair.modes import attack_context, eval_mode
@@ -162,10 +171,6 @@ class AuditSettings:
 GRADIENT_FREE = frozenset({"square", "noise"})
 
 
-class AttackCrashed(RuntimeError):
-    """An attack raised on this model (e.g. NaN gradients pushed it out of the threat model)."""
-
-
 # --------------------------------------------------------------------------- statistics
 def paired_rise(ref: Tensor, new: Tensor, floor: float = 0.01) -> dict[str, Any]:
     """How much accuracy ``new`` exceeds accuracy ``ref`` (same points), and whether that
@@ -199,105 +204,170 @@ def _worst_pair(series: list[tuple[float, Tensor]], floor: float) -> tuple[dict[
     return worst, pair[0], pair[1]
 
 
-# --------------------------------------------------------------------------- the audit
-class _Runner:
-    """Runs and caches the attacks the checks share (crashes are cached too) and collects curves."""
+# --------------------------------------------------------------------------- inputs and shared runs
+@dataclass(frozen=True, eq=False)
+class AuditInputs:
+    """What every check is a function of: the model, its points, the threat, the optional
+    transfer source, the seed and the settings. The attack results the checks share come from a
+    :class:`~logitpair.audit.store.RunStore` of the same model, points and threat."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        threat: Linf,
-        source: nn.Module | None,
-        seed: int,
-        s: AuditSettings,
-        progress: ProgressFactory,
-    ) -> None:
-        self.model, self.x, self.y, self.threat, self.source = model, x, y, threat, source
-        self.seed, self.s, self.progress = seed, s, progress
-        self.cache: dict[Any, Any] = {}
-        self.timings: dict[str, float] = {}
-        self.curves: dict[str, list[dict[str, Any]]] = {"eps": [], "steps": [], "restarts": []}
-
-    def protocol(self, key: Any, attacks: list[AttackSpec], desc: str, eps: float | None = None) -> Any:
-        if key not in self.cache:
-            t0 = time.perf_counter()
-            threat = self.threat if eps is None else Linf(eps, self.threat.bounds)
-            try:
-                self.cache[key] = run_protocol(
-                    self.model,
-                    self.x,
-                    self.y,
-                    attacks,
-                    threat=threat,
-                    source=self.source,
-                    seed=self.seed,
-                    batch_size=self.s.batch_size,
-                    progress=self.progress,
-                    desc=desc,
-                )
-            except (RuntimeError, FloatingPointError) as exc:  # e.g. NaN gradients left the eps-ball
-                self.cache[key] = AttackCrashed(f"{desc}: {exc}")
-            self.timings[desc] = self.timings.get(desc, 0.0) + time.perf_counter() - t0
-        if isinstance(self.cache[key], AttackCrashed):
-            raise self.cache[key]
-        return self.cache[key]
-
-    def pgd(self, eps: float, steps: int, restarts: int = 1) -> Tensor:
-        """Robust flags under PGD-steps x restarts (default step size, same seed: common random starts)."""
-        spec = AttackSpec("pgd", {"steps": steps, "restarts": restarts}, f"PGD-{steps}x{restarts}")
-        key = ("pgd", round(eps, 12), steps, restarts)
-        return self.protocol(key, [spec], f"audit: PGD-{steps}x{restarts} eps={eps:g}", eps).robust
-
-    def clean(self) -> Tensor:
-        return self.protocol("clean", [], "audit: clean").clean_correct
-
-    def main(self) -> Any:
-        return self.protocol("main", [self.s.baseline, *self.s.suite_specs()], "audit: PGD-40 + suite")
-
-    def baseline(self) -> Tensor:
-        res = self.main()
-        return res.clean_correct & (res.broken_by != 0)
-
-    def white_box(self) -> Tensor:
-        """Robust under every white-box gradient attack run so far at the model's eps."""
-        res = self.main()
-        robust = res.clean_correct.clone()
-        for i, a in enumerate(res.attacks):
-            if a.name not in GRADIENT_FREE:
-                robust &= res.broken_by != i
-        for key, val in self.cache.items():
-            if isinstance(key, tuple) and key[:2] == ("pgd", round(self.threat.eps, 12)) and not _crashed(val):
-                robust &= val.robust
-        return robust
-
-    def large_eps(self) -> float:
-        lo, hi = self.threat.bounds
-        large = self.s.large_eps * (hi - lo)
-        return large if large > self.threat.eps else hi - lo
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    threat: Linf
+    source: nn.Module | None
+    seed: int
+    settings: AuditSettings
 
 
-def _crashed(val: Any) -> bool:
-    return isinstance(val, AttackCrashed)
+PgdRun = tuple[float, int, int]  # eps the attack runs at, steps, restarts
 
 
-def _rise_check(
-    name: str,
-    r: _Runner,
-    key: str,
-    values: list[float],
-    run: Callable[[float], Tensor],
-    what: str,
-    fmt: Callable[[float], str],
-) -> Check:
-    """Fail when accuracy rises from a smaller to a larger value of ``key`` beyond the tolerance."""
-    series = [(v, run(v)) for v in sorted(set(values))]
-    r.curves[key] += [{key: v, **summarize(f)} for v, f in series]
-    accs = ", ".join(f"{fmt(v)}: {_pct(_acc(f))}" for v, f in series)
-    worst, v1, v2 = _worst_pair(series, r.s.min_rise)
-    data = {"accuracy": {fmt(v): _acc(f) for v, f in series}, "worst_pair": [v1, v2], **worst}
-    if len(series) < 2:
+def _pgd(a: AuditInputs, runs: RunStore, run: PgdRun) -> Tensor:
+    """Robust flags under PGD-steps x restarts at eps (default step size, the audit's seed:
+    runs that differ only in steps or restarts share their random starts)."""
+    eps, steps, restarts = run
+    spec = AttackSpec("pgd", {"steps": steps, "restarts": restarts}, f"PGD-{steps}x{restarts}")
+    return runs.get([spec], eps, a.seed, f"audit: PGD-{steps}x{restarts} eps={eps:g}").robust
+
+
+def _clean(a: AuditInputs, runs: RunStore) -> Tensor:
+    return runs.get([], a.threat.eps, a.seed, "audit: clean").clean_correct
+
+
+def _main(a: AuditInputs, runs: RunStore) -> ProtocolResult:
+    """The baseline followed by the strong suite (gradient-free attacks last)."""
+    s = a.settings
+    return runs.get([s.baseline, *s.suite_specs()], a.threat.eps, a.seed, "audit: PGD-40 + suite")
+
+
+def _fgsm(a: AuditInputs, runs: RunStore) -> Tensor:
+    return runs.get([AttackSpec("fgsm", {}, "FGSM")], a.threat.eps, a.seed, "audit: FGSM").robust
+
+
+def _noise_spec(s: AuditSettings) -> AttackSpec:
+    return AttackSpec("noise", {"samples": s.noise_samples}, f"random noise ({s.noise_samples} corners)")
+
+
+def _noise(a: AuditInputs, runs: RunStore) -> Tensor:
+    return runs.get([_noise_spec(a.settings)], a.threat.eps, a.seed, "audit: noise").robust
+
+
+def _transfer(a: AuditInputs, runs: RunStore) -> Tensor:
+    return runs.get([a.settings.transfer], a.threat.eps, a.seed, "audit: transfer").robust
+
+
+def _baseline(a: AuditInputs, runs: RunStore) -> Tensor:
+    res = _main(a, runs)
+    return res.clean_correct & (res.broken_by != 0)
+
+
+def _large_eps(a: AuditInputs) -> float:
+    """The large eps of ``large_eps_zero``: ``large_eps`` of the input range (the whole range when
+    that is not above the model's eps)."""
+    lo, hi = a.threat.bounds
+    large = a.settings.large_eps * (hi - lo)
+    return large if large > a.threat.eps else hi - lo
+
+
+# --------------------------------------------------------------------------- budget series
+@dataclass(frozen=True)
+class _Series:
+    """A series of budgets whose accuracy must not rise: its values, the PGD run of each value
+    (None: clean accuracy), what grows along it and how a value is shown."""
+
+    values: Callable[[AuditInputs], list[float]]
+    run: Callable[[AuditInputs, float], PgdRun | None]
+    what: Callable[[AuditSettings], str]
+    fmt: Callable[[float], str]
+
+
+def _eps_values(a: AuditInputs) -> list[float]:
+    eps = a.threat.eps
+    return [0.0, *(round(f * eps, 12) for f in a.settings.eps_factors if f > 0), _large_eps(a)]
+
+
+def _sweep_run(a: AuditInputs, value: float) -> PgdRun:
+    """PGD-``sweep_steps`` at ``value``: at the model's eps itself where ``value`` is that eps
+    rounded (so the sweep shares that run with the steps series when it has as many steps)."""
+    eps = a.threat.eps if value == round(a.threat.eps, 12) else value
+    return (eps, a.settings.sweep_steps, 1)
+
+
+def _eps_run(a: AuditInputs, value: float) -> PgdRun | None:
+    """Clean accuracy at 0, else the sweep's PGD run."""
+    return None if value == 0 else _sweep_run(a, value)
+
+
+_SERIES: dict[str, _Series] = {
+    "eps": _Series(
+        _eps_values,
+        _eps_run,
+        lambda s: f"a larger eps (PGD-{s.sweep_steps})",
+        lambda e: f"eps {e:g}",
+    ),
+    "steps": _Series(
+        lambda a: list(a.settings.steps_series),
+        lambda a, k: (a.threat.eps, int(k), 1),
+        lambda s: "more PGD steps",
+        lambda k: f"{int(k)} steps",
+    ),
+    "restarts": _Series(
+        lambda a: list(a.settings.restarts_series),
+        lambda a, k: (a.threat.eps, a.settings.restarts_steps, int(k)),
+        lambda s: f"more restarts (PGD-{s.restarts_steps})",
+        lambda k: f"{int(k)} restart" + ("s" if k != 1 else ""),
+    ),
+}
+
+
+def _flags(a: AuditInputs, runs: RunStore, run: PgdRun | None) -> Tensor:
+    return _clean(a, runs) if run is None else _pgd(a, runs, run)
+
+
+def _series_flags(a: AuditInputs, runs: RunStore, series: _Series) -> list[tuple[float, Tensor]]:
+    """(value, robust flags) in increasing order of the value."""
+    return [(v, _flags(a, runs, series.run(a, v))) for v in sorted(set(series.values(a)))]
+
+
+def _pgd_at_eps(a: AuditInputs) -> list[PgdRun]:
+    """The PGD runs of the series at the model's eps (steps, restarts, and the eps sweep's own)."""
+    eps = round(a.threat.eps, 12)
+    found = {series.run(a, v) for series in _SERIES.values() for v in series.values(a)}
+    return sorted(r for r in found if r is not None and round(r[0], 12) == eps)
+
+
+def _unless_crashed(get: Callable[[], Tensor]) -> Tensor | None:
+    try:
+        return get()
+    except AttackCrashed:
+        return None
+
+
+def _white_box(a: AuditInputs, runs: RunStore) -> Tensor:
+    """Robust under every white-box gradient attack of the audit at the model's eps: the
+    baseline, the suite's gradient attacks and the series' PGD runs at that eps (a PGD run that
+    crashed is left out; a crashed baseline + suite raises :class:`AttackCrashed`)."""
+    res = _main(a, runs)
+    robust = res.clean_correct.clone()
+    for i, spec in enumerate(res.attacks):
+        if spec.name not in GRADIENT_FREE:
+            robust &= res.broken_by != i
+    for run in _pgd_at_eps(a):
+        flags = _unless_crashed(lambda run=run: _pgd(a, runs, run))
+        if flags is not None:
+            robust &= flags
+    return robust
+
+
+# --------------------------------------------------------------------------- the checks
+def _rise_check(name: str, a: AuditInputs, runs: RunStore, series: _Series) -> Check:
+    """Fail when accuracy rises from a smaller to a larger value of the series beyond the tolerance."""
+    flags, fmt, what = _series_flags(a, runs, series), series.fmt, series.what(a.settings)
+    accs = ", ".join(f"{fmt(v)}: {_pct(_acc(f))}" for v, f in flags)
+    worst, v1, v2 = _worst_pair(flags, a.settings.min_rise)
+    data = {"accuracy": {fmt(v): _acc(f) for v, f in flags}, "worst_pair": [v1, v2], **worst}
+    if len(flags) < 2:
         return Check(name, None, f"needs at least two values to compare ({what})", data)
     if worst["exceeded"]:
         return Check(
@@ -307,58 +377,35 @@ def _rise_check(
             f"(tolerance {100 * worst['tolerance']:.1f}); accuracy at {accs}",
             data,
         )
-    drop = _acc(series[0][1]) - _acc(series[-1][1])
+    drop = _acc(flags[0][1]) - _acc(flags[-1][1])
     return Check(
         name,
         True,
         f"no rise beyond the tolerance with {what} ({accs}; {100 * drop:.1f} points lower at "
-        f"{fmt(series[-1][0])} than at {fmt(series[0][0])})",
+        f"{fmt(flags[-1][0])} than at {fmt(flags[0][0])})",
         data,
     )
 
 
-def _check_eps(r: _Runner) -> Check:
-    s, eps = r.s, r.threat.eps
-    grid = [0.0, *(round(f * eps, 12) for f in s.eps_factors if f > 0), r.large_eps()]
-    return _rise_check(
-        "eps_monotone",
-        r,
-        "eps",
-        grid,
-        lambda e: r.clean() if e == 0 else r.pgd(e, s.sweep_steps),
-        f"a larger eps (PGD-{s.sweep_steps})",
-        lambda e: f"eps {e:g}",
-    )
+def check_eps_monotone(a: AuditInputs, runs: RunStore) -> Check:
+    """Accuracy must not rise with eps (clean at 0, PGD sweep, the large eps)."""
+    return _rise_check("eps_monotone", a, runs, _SERIES["eps"])
 
 
-def _check_steps(r: _Runner) -> Check:
-    return _rise_check(
-        "more_steps_no_better",
-        r,
-        "steps",
-        list(r.s.steps_series),
-        lambda k: r.pgd(r.threat.eps, int(k)),
-        "more PGD steps",
-        lambda k: f"{int(k)} steps",
-    )
+def check_more_steps_no_better(a: AuditInputs, runs: RunStore) -> Check:
+    """Accuracy must not rise with the number of PGD steps."""
+    return _rise_check("more_steps_no_better", a, runs, _SERIES["steps"])
 
 
-def _check_restarts(r: _Runner) -> Check:
-    s = r.s
-    return _rise_check(
-        "more_restarts_no_better",
-        r,
-        "restarts",
-        list(s.restarts_series),
-        lambda k: r.pgd(r.threat.eps, s.restarts_steps, int(k)),
-        f"more restarts (PGD-{s.restarts_steps})",
-        lambda k: f"{int(k)} restart" + ("s" if k != 1 else ""),
-    )
+def check_more_restarts_no_better(a: AuditInputs, runs: RunStore) -> Check:
+    """Accuracy must not rise with the number of PGD restarts."""
+    return _rise_check("more_restarts_no_better", a, runs, _SERIES["restarts"])
 
 
-def _check_large_eps(r: _Runner) -> Check:
-    large, s = r.large_eps(), r.s
-    acc = _acc(r.pgd(large, s.sweep_steps))
+def check_large_eps_zero(a: AuditInputs, runs: RunStore) -> Check:
+    """PGD at the large eps must leave (almost) no point correct."""
+    large, s = _large_eps(a), a.settings
+    acc = _acc(_pgd(a, runs, _sweep_run(a, large)))
     ok = acc <= s.large_eps_max_acc
     verb = "is" if ok else f"stays above {_pct(s.large_eps_max_acc)}:"
     return Check(
@@ -396,34 +443,41 @@ def _extra_check(
     return Check(name, not r["exceeded"], msg, data)
 
 
-def _check_fgsm(r: _Runner) -> Check:
-    fg = r.protocol("fgsm", [AttackSpec("fgsm", {}, "FGSM")], "audit: FGSM").robust
-    return _extra_check("fgsm_not_stronger", "FGSM", r.s.baseline.label, r.baseline(), fg, r.s.min_rise)
+def check_fgsm_not_stronger(a: AuditInputs, runs: RunStore) -> Check:
+    """One-step FGSM must not break what the baseline left robust."""
+    fg = _fgsm(a, runs)
+    s = a.settings
+    return _extra_check("fgsm_not_stronger", "FGSM", s.baseline.label, _baseline(a, runs), fg, s.min_rise)
 
 
-def _check_noise(r: _Runner) -> Check:
-    spec = AttackSpec("noise", {"samples": r.s.noise_samples}, f"random noise ({r.s.noise_samples} corners)")
-    nz = r.protocol("noise", [spec], "audit: noise").robust
-    return _extra_check("noise_not_stronger", spec.label, "the gradient attacks", r.white_box(), nz, r.s.min_rise)
-
-
-def _check_transfer(r: _Runner) -> Check:
-    if r.source is None:
-        return Check("transfer_not_stronger", None, "no source model given (--source): transfer not tested")
-    tr = r.protocol("transfer", [r.s.transfer], "audit: transfer").robust
+def check_noise_not_stronger(a: AuditInputs, runs: RunStore) -> Check:
+    """Random corners of the eps-ball must not break what the gradient attacks left robust."""
+    nz = _noise(a, runs)
+    label = _noise_spec(a.settings).label
     return _extra_check(
-        "transfer_not_stronger",
-        f"{r.s.transfer.label} from the source",
-        "the gradient attacks",
-        r.white_box(),
-        tr,
-        r.s.min_rise,
+        "noise_not_stronger", label, "the gradient attacks", _white_box(a, runs), nz, a.settings.min_rise
     )
 
 
-def _check_square(r: _Runner) -> Check:
-    res = r.main()
-    idx = [i for i, a in enumerate(res.attacks) if a.name == "square"]
+def check_transfer_not_stronger(a: AuditInputs, runs: RunStore) -> Check:
+    """Transfer from the source model must not break what the gradient attacks left robust."""
+    if a.source is None:
+        return Check("transfer_not_stronger", None, "no source model given (--source): transfer not tested")
+    tr = _transfer(a, runs)
+    return _extra_check(
+        "transfer_not_stronger",
+        f"{a.settings.transfer.label} from the source",
+        "the gradient attacks",
+        _white_box(a, runs),
+        tr,
+        a.settings.min_rise,
+    )
+
+
+def check_square_not_stronger(a: AuditInputs, runs: RunStore) -> Check:
+    """The suite's Square must not break what the gradient attacks left robust."""
+    res = _main(a, runs)
+    idx = [i for i, spec in enumerate(res.attacks) if spec.name == "square"]
     if not idx:
         return Check("square_not_stronger", None, "the suite has no Square attack")
     by_square = torch.zeros_like(res.robust)
@@ -433,17 +487,18 @@ def _check_square(r: _Runner) -> Check:
         "square_not_stronger",
         res.attacks[idx[0]].label,
         "the gradient attacks",
-        r.white_box(),
+        _white_box(a, runs),
         ~by_square,
-        r.s.min_rise,
+        a.settings.min_rise,
         standalone=False,
     )
 
 
-def _check_gap(r: _Runner) -> Check:
-    res, base, s = r.main(), r.baseline(), r.s
+def check_baseline_gap(a: AuditInputs, runs: RunStore) -> Check:
+    """The baseline must not exceed the worst case with the strong suite by more than ``gap_max``."""
+    res, base, s = _main(a, runs), _baseline(a, runs), a.settings
     gap = _acc(base) - _acc(res.robust)
-    broken = {a.label: int((res.broken_by == i).sum()) for i, a in enumerate(res.attacks)}
+    broken = {spec.label: int((res.broken_by == i).sum()) for i, spec in enumerate(res.attacks)}
     data = {
         "baseline": summarize(base),
         "worst_case": summarize(res.robust),
@@ -458,13 +513,14 @@ def _check_gap(r: _Runner) -> Check:
     return Check("baseline_gap", gap <= s.gap_max, text, data)
 
 
-def _check_deterministic(r: _Runner) -> Check:
-    model, xb = r.model, r.x[:256].to(model_device(r.model))
+def check_deterministic_forward(a: AuditInputs, runs: RunStore) -> Check:
+    """The same input must give the same logits, twice and alone (uses no attack)."""
+    model, xb = a.model, a.x[:256].to(model_device(a.model))
     k = min(8, len(xb))
     with torch.no_grad():
         z1, z2 = model(xb).nan_to_num(), model(xb).nan_to_num()
         single = torch.cat([model(xb[i : i + 1]) for i in range(k)]).nan_to_num()
-    tol = r.s.logit_rtol * (1.0 + float(z1.abs().max()))
+    tol = a.settings.logit_rtol * (1.0 + float(z1.abs().max()))
     twice, alone = float((z1 - z2).abs().max()), float((z1[:k] - single).abs().max())
     data = {"max_diff_repeat": twice, "max_diff_batch_vs_single": alone, "tolerance": tol, "points": len(xb)}
     if twice > tol:
@@ -522,22 +578,25 @@ def _logit_scale(z: Tensor, y: Tensor) -> dict[str, float]:
     }
 
 
-def _check_gradients(r: _Runner) -> Check:
-    gen = torch.Generator(device=r.x.device).manual_seed(r.seed)
-    stats: dict[str, Any] = {"zero_grad_max": r.s.zero_grad_max}
+def check_gradient_health(a: AuditInputs, runs: RunStore) -> Check:
+    """Input gradients at the clean points and at one random point of each eps-ball (drawn from
+    a generator seeded with the audit's seed) must be finite and rarely all zero (uses no attack)."""
+    s = a.settings
+    gen = torch.Generator(device=a.x.device).manual_seed(a.seed)
+    stats: dict[str, Any] = {"zero_grad_max": s.zero_grad_max}
     bad, shares = [], []
-    for where, pts in (("clean", r.x), ("random", r.threat.random_init(r.x, gen))):
-        z, g = _input_grads(r.model, pts, r.y, r.s.batch_size)
+    for where, pts in (("clean", a.x), ("random", a.threat.random_init(a.x, gen))):
+        z, g = _input_grads(a.model, pts, a.y, s.batch_size)
         nonfinite = ~(torch.isfinite(g.flatten(1)).all(1) & torch.isfinite(z).all(1))
         zero = (g.flatten(1) == 0).all(1) & ~nonfinite
         stats[where] = {"zero_share": _acc(zero), "nonfinite_share": _acc(nonfinite)}
         shares.append(f"{where} {_pct(_acc(zero))}")
-        if _acc(zero) >= r.s.zero_grad_max:
+        if _acc(zero) >= s.zero_grad_max:
             bad.append(f"{_pct(_acc(zero))} of the {where} points have an all-zero input gradient")
         if nonfinite.any():
             bad.append(f"{int(nonfinite.sum())} {where} points have non-finite logits or gradients")
         if where == "clean":
-            stats.update(_logit_scale(z, r.y))
+            stats.update(_logit_scale(z, a.y))
     scale = (
         f"median logit norm {stats['median_logit_norm']:.3g}, median margin {stats['median_margin']:.3g}, "
         f"max margin {stats['max_margin']:.3g}, softmax saturated (CE = 0) for "
@@ -548,27 +607,87 @@ def _check_gradients(r: _Runner) -> Check:
     return Check("gradient_health", True, f"gradients finite; all-zero gradients: {', '.join(shares)} ({scale})", stats)
 
 
-def _loss_surfaces(r: _Runner) -> list[dict[str, Any]]:
+CheckFn = Callable[[AuditInputs, RunStore], Check]
+
+# every check by name: a function of the inputs, whose attacks come from the keyed store
+CHECKS: dict[str, CheckFn] = {
+    "eps_monotone": check_eps_monotone,
+    "large_eps_zero": check_large_eps_zero,
+    "more_steps_no_better": check_more_steps_no_better,
+    "more_restarts_no_better": check_more_restarts_no_better,
+    "fgsm_not_stronger": check_fgsm_not_stronger,
+    "noise_not_stronger": check_noise_not_stronger,
+    "transfer_not_stronger": check_transfer_not_stronger,
+    "square_not_stronger": check_square_not_stronger,
+    "baseline_gap": check_baseline_gap,
+    "deterministic_forward": check_deterministic_forward,
+    "gradient_health": check_gradient_health,
+}
+
+# the order the checks run in by default: cheap ones first, then the runs the later ones share.
+# It decides when each attack runs (progress, timings), never a result: those are keyed.
+RUN_ORDER: tuple[str, ...] = (
+    "deterministic_forward",
+    "gradient_health",
+    "more_steps_no_better",
+    "more_restarts_no_better",
+    "eps_monotone",
+    "large_eps_zero",
+    "baseline_gap",
+    "fgsm_not_stronger",
+    "noise_not_stronger",
+    "transfer_not_stronger",
+    "square_not_stronger",
+)
+
+
+def _run_check(name: str, a: AuditInputs, runs: RunStore) -> Check:
+    """Check ``name``; a failing one when an attack it needs crashed on the model."""
+    try:
+        return CHECKS[name](a, runs)
+    except AttackCrashed as exc:
+        return Check(
+            name,
+            False,
+            f"an attack this check needs crashed on the model ({exc}); gradient-based results cannot be trusted",
+            {"error": str(exc)},
+        )
+
+
+# --------------------------------------------------------------------------- curves, surfaces, summary
+def _curves(a: AuditInputs, runs: RunStore) -> dict[str, list[dict[str, Any]]]:
+    """Accuracy (with its CI) along each series; empty for a series with a crashed run."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, series in _SERIES.items():
+        try:
+            out[key] = [{key: v, **summarize(f)} for v, f in _series_flags(a, runs, series)]
+        except AttackCrashed:
+            out[key] = []
+    return out
+
+
+def _loss_surfaces(a: AuditInputs, runs: RunStore) -> list[dict[str, Any]]:
     """CE loss on x + a sign(grad) + b (random signs), a, b in [-R eps, R eps], for the first
-    correctly classified points (the loss-surface plots of Engstrom et al. 2018, Fig. 1)."""
-    s, x, y = r.s, r.x, r.y
-    idx = r.clean().nonzero().flatten()[: max(s.surface_points, 0)]
+    correctly classified points (the loss-surface plots of Engstrom et al. 2018, Fig. 1); the
+    random signs come from a generator seeded with the audit's seed + 1."""
+    s, x, y = a.settings, a.x, a.y
+    idx = _clean(a, runs).nonzero().flatten()[: max(s.surface_points, 0)]
     if len(idx) == 0:
         return []
-    gen = torch.Generator(device=x.device).manual_seed(r.seed + 1)
-    dev = model_device(r.model)
-    _, grads = _input_grads(r.model, x[idx], y[idx], s.batch_size)
-    span = s.surface_range * max(r.threat.eps, 1e-3)
+    gen = torch.Generator(device=x.device).manual_seed(a.seed + 1)
+    dev = model_device(a.model)
+    _, grads = _input_grads(a.model, x[idx], y[idx], s.batch_size)
+    span = s.surface_range * max(a.threat.eps, 1e-3)
     ticks = torch.linspace(-span, span, s.surface_grid, device=x.device, dtype=x.dtype)
-    a, b = (t.reshape(-1, *[1] * (x.dim() - 1)) for t in torch.meshgrid(ticks, ticks, indexing="ij"))
+    ga, gb = (t.reshape(-1, *[1] * (x.dim() - 1)) for t in torch.meshgrid(ticks, ticks, indexing="ij"))
     out = []
-    with eval_mode(r.model), torch.no_grad():
+    with eval_mode(a.model), torch.no_grad():
         for j, i in enumerate(idx.tolist()):
             rand = torch.randint(0, 2, grads[j].shape, generator=gen, device=x.device).to(x.dtype) * 2 - 1
-            pts = (x[i] + a * grads[j].sign() + b * rand).clamp(*r.threat.bounds)
+            pts = (x[i] + ga * grads[j].sign() + gb * rand).clamp(*a.threat.bounds)
             loss = torch.cat(
                 [
-                    F.cross_entropy(r.model(c.to(dev)), y[i].expand(len(c)).to(dev), reduction="none").cpu()
+                    F.cross_entropy(a.model(c.to(dev)), y[i].expand(len(c)).to(dev), reduction="none").cpu()
                     for c in pts.split(512)
                 ]
             )
@@ -583,32 +702,72 @@ def _loss_surfaces(r: _Runner) -> list[dict[str, Any]]:
     return out
 
 
-# computation order: cheap checks first, then the runs later checks reuse
-_CHECKS: tuple[tuple[str, Callable[[_Runner], Check]], ...] = (
-    ("deterministic_forward", _check_deterministic),
-    ("gradient_health", _check_gradients),
-    ("more_steps_no_better", _check_steps),
-    ("more_restarts_no_better", _check_restarts),
-    ("eps_monotone", _check_eps),
-    ("large_eps_zero", _check_large_eps),
-    ("baseline_gap", _check_gap),
-    ("fgsm_not_stronger", _check_fgsm),
-    ("noise_not_stronger", _check_noise),
-    ("transfer_not_stronger", _check_transfer),
-    ("square_not_stronger", _check_square),
-)
+def _summary(a: AuditInputs, runs: RunStore) -> dict[str, Any]:
+    """Clean, baseline and worst-case accuracy at the model's eps over every attack of the audit
+    at that eps (baseline + suite, FGSM, noise, transfer with a source, the series' PGD runs;
+    crashed runs left out)."""
+    clean = _clean(a, runs)
+    out: dict[str, Any] = {"clean": summarize(clean)}
+    main = _unless_crashed(lambda: _main(a, runs).robust)
+    if main is not None:
+        out["baseline"] = summarize(_baseline(a, runs))
+        out["suite_worst_case"] = summarize(main)
+    at_eps: list[Callable[[], Tensor]] = [lambda: _fgsm(a, runs), lambda: _noise(a, runs)]
+    if a.source is not None:
+        at_eps.append(lambda: _transfer(a, runs))
+    at_eps += [lambda run=run: _pgd(a, runs, run) for run in _pgd_at_eps(a)]
+    worst = clean.clone() if main is None else clean & main
+    for flags in (_unless_crashed(get) for get in at_eps):
+        if flags is not None:
+            worst &= flags
+    out["worst_case_all"] = summarize(worst)
+    return out
 
 
-def _run_check(name: str, fn: Callable[[_Runner], Check], r: _Runner) -> Check:
-    try:
-        return fn(r)
-    except AttackCrashed as exc:
-        return Check(
-            name,
-            False,
-            f"an attack this check needs crashed on the model ({exc}); gradient-based results cannot be trusted",
-            {"error": str(exc)},
+# --------------------------------------------------------------------------- the audit
+def _enter_eval_modes(stack: ExitStack, model: nn.Module, source: nn.Module | None, x: Tensor) -> None:
+    """Eval mode for the model and source (restored when ``stack`` closes); the source must
+    give outputs of the model's shape."""
+    for m in (model, source):
+        if m is not None:
+            stack.enter_context(eval_mode(m))
+    if source is None:
+        return
+    with torch.no_grad():
+        shapes = (
+            tuple(model(x[:1].to(model_device(model))).shape),
+            tuple(source(x[:1].to(model_device(source))).shape),
         )
+    if shapes[0] != shapes[1]:
+        raise ConfigError(f"audit: the source model's output {shapes[1]} differs from the model's {shapes[0]}")
+
+
+def _settings_doc(a: AuditInputs, quick: bool, timings: dict[str, float]) -> dict[str, Any]:
+    s = a.settings
+    attacks = [
+        s.baseline,
+        *s.suite_specs(),
+        AttackSpec("fgsm", {}, "FGSM"),
+        AttackSpec("noise", {"samples": s.noise_samples}),
+    ]
+    return {
+        "n": len(a.y),
+        "eps": a.threat.eps,
+        "bounds": list(a.threat.bounds),
+        "seed": a.seed,
+        "quick": quick,
+        "source": a.source is not None,
+        **s.to_dict(),
+        "attacks": [spec.to_dict() for spec in attacks],
+        "timings": timings,
+    }
+
+
+def _validate(x: Tensor, y: Tensor, order: Sequence[str]) -> None:
+    if len(x) != len(y) or len(y) == 0:
+        raise ConfigError(f"audit: expected as many labels as images and at least one, got {len(x)} and {len(y)}")
+    if sorted(order) != sorted(CHECK_NAMES):
+        raise ConfigError(f"audit: order must name every check once ({', '.join(CHECK_NAMES)}), got {list(order)}")
 
 
 def audit(
@@ -622,14 +781,17 @@ def audit(
     seed: int = 0,
     progress: ProgressFactory = null_progress,
     settings: AuditSettings | None = None,
+    order: Sequence[str] = RUN_ORDER,
 ) -> AuditReport:
     """Run every check of :data:`CHECK_NAMES` on ``model`` at ``threat`` (L-infinity).
 
     ``x``: (N, C, H, W) images in the threat's bounds; ``y``: (N,) labels. ``source``: an
     independently trained model for the transfer check (skipped without one). ``quick``:
     the quick suite and shorter series (:meth:`AuditSettings.preset`); ``settings``
-    overrides both. Attacks shared by several checks run once; randomness is seeded by
-    ``seed``. The model (and source) run in eval mode; their modes are restored.
+    overrides both. Attacks shared by several checks run once (a keyed
+    :class:`~logitpair.audit.store.RunStore`); randomness is seeded by ``seed``. ``order``:
+    the order the checks run in (every check once); it changes when an attack runs, never the
+    report. The model (and source) run in eval mode; their modes are restored.
 
     Example::
 
@@ -637,70 +799,29 @@ def audit(
         assert rep.verdict in ("pass", "suspect")
     """
     s = settings if settings is not None else AuditSettings.preset(quick)
-    if len(x) != len(y) or len(y) == 0:
-        raise ConfigError(f"audit: expected as many labels as images and at least one, got {len(x)} and {len(y)}")
+    _validate(x, y, order)
     t0 = time.perf_counter()
     with ExitStack() as stack:
-        for m in (model, source):
-            if m is not None:
-                stack.enter_context(eval_mode(m))
-        if source is not None:
-            with torch.no_grad():
-                shapes = (
-                    tuple(model(x[:1].to(model_device(model))).shape),
-                    tuple(source(x[:1].to(model_device(source))).shape),
-                )
-            if shapes[0] != shapes[1]:
-                raise ConfigError(f"audit: the source model's output {shapes[1]} differs from the model's {shapes[0]}")
-        r = _Runner(model, x, y, threat, source, seed, s, progress)
-        checks = {name: _run_check(name, fn, r) for name, fn in _CHECKS}
+        _enter_eval_modes(stack, model, source, x)
+        a = AuditInputs(model, x, y, threat, source, seed, s)
+        runs = RunStore(model, x, y, threat=threat, source=source, batch_size=s.batch_size, progress=progress)
+        checks = {name: _run_check(name, a, runs) for name in order}
         t_surf = time.perf_counter()
         try:
-            surfaces = _loss_surfaces(r)
+            surfaces = _loss_surfaces(a, runs)
         except RuntimeError:  # a model whose loss cannot be differentiated at all: no plot
             surfaces = []
-        r.timings["audit: loss surfaces"] = time.perf_counter() - t_surf
+        timings = {**runs.timings, "audit: loss surfaces": time.perf_counter() - t_surf}
+        curves, summary = _curves(a, runs), _summary(a, runs)
     ordered = [checks[name] for name in CHECK_NAMES]
     reasons = [f"{c.name}: {c.detail}" for c in ordered if c.passed is False]
-    attacks = [
-        s.baseline,
-        *s.suite_specs(),
-        AttackSpec("fgsm", {}, "FGSM"),
-        AttackSpec("noise", {"samples": s.noise_samples}),
-    ]
-    settings_doc = {
-        "n": len(y),
-        "eps": threat.eps,
-        "bounds": list(threat.bounds),
-        "seed": seed,
-        "quick": quick,
-        "source": source is not None,
-        **s.to_dict(),
-        "attacks": [a.to_dict() for a in attacks],
-        "timings": r.timings,
-    }
     return AuditReport(
         verdict="suspect" if reasons else "pass",
         checks=ordered,
         reasons=reasons,
-        settings=settings_doc,
-        summary=_summary(r),
-        curves=r.curves,
+        settings=_settings_doc(a, quick, timings),
+        summary=summary,
+        curves=curves,
         surfaces=surfaces,
         seconds=time.perf_counter() - t0,
     )
-
-
-def _summary(r: _Runner) -> dict[str, Any]:
-    """Clean, baseline and worst-case accuracy at the model's eps over every attack that ran."""
-    clean = r.clean()
-    out: dict[str, Any] = {"clean": summarize(clean)}
-    if "main" in r.cache and not _crashed(r.cache["main"]):
-        out["baseline"] = summarize(r.baseline())
-        out["suite_worst_case"] = summarize(r.cache["main"].robust)
-    worst = clean.clone()
-    for key, val in r.cache.items():
-        if not _crashed(val) and key != "clean" and (not isinstance(key, tuple) or key[1] == round(r.threat.eps, 12)):
-            worst &= val.robust
-    out["worst_case_all"] = summarize(worst)
-    return out
