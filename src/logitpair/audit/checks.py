@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from logitpair.attacks import attack_info
 from logitpair.attacks.common import model_device
 from logitpair.audit.docs import CHECK_NAMES
 from logitpair.audit.store import AttackCrashed, RunStore
@@ -158,7 +159,10 @@ class AuditSettings:
 
         specs = get_suite(self.suite) if isinstance(self.suite, str) else list(self.suite)
         # gradient-free attacks last, so "broken only by Square" is well defined
-        return [a for a in specs if a.name not in GRADIENT_FREE] + [a for a in specs if a.name in GRADIENT_FREE]
+        free = [attack_info(a.name).gradient_free for a in specs]
+        return [a for a, f in zip(specs, free, strict=True) if not f] + [
+            a for a, f in zip(specs, free, strict=True) if f
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -166,9 +170,6 @@ class AuditSettings:
         out["baseline"] = self.baseline.to_dict()
         out["transfer"] = self.transfer.to_dict()
         return out
-
-
-GRADIENT_FREE = frozenset({"square", "noise"})
 
 
 # --------------------------------------------------------------------------- statistics
@@ -351,7 +352,7 @@ def _white_box(a: AuditInputs, runs: RunStore) -> Tensor:
     res = _main(a, runs)
     robust = res.clean_correct.clone()
     for i, spec in enumerate(res.attacks):
-        if spec.name not in GRADIENT_FREE:
+        if not attack_info(spec.name).gradient_free:
             robust &= res.broken_by != i
     for run in _pgd_at_eps(a):
         flags = _unless_crashed(lambda run=run: _pgd(a, runs, run))
