@@ -137,4 +137,7 @@ def test_library_errors_name_options_the_command_line_names_flags():
     flags = _flags(build_parser())
     assert describe(err.value, flags) == "--batch-size: expected >= 1, got 0"
     prose = ConfigError("`out` runs/x: directory holds files; pass `resume` to continue it or `overwrite` (`lenet`)")
-    assert describe(prose, flags) == "--out runs/x: directory holds files; pass --resume to continue it or --overwrite (`lenet`)"
+    assert (
+        describe(prose, flags)
+        == "--out runs/x: directory holds files; pass --resume to continue it or --overwrite (`lenet`)"
+    )

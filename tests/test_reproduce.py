@@ -19,7 +19,7 @@ from logitpair.data import load_dataset, take
 from logitpair.errors import ConfigError
 from logitpair.evaluation import AttackSpec, get_suite, parse_attacks
 from logitpair.evaluation import test_points as points_of  # (not collected as a test)
-from logitpair.evaluation.run import targeted_protocol
+from logitpair.evaluation.targeted import targeted_protocol
 from logitpair.experiments.presets import PRESETS, PaperAttack, long_attack
 from logitpair.experiments.reproduce import ReproduceOptions, make_plan, report_markdown
 from logitpair.experiments.smokedata import write_smoke_data

@@ -9,10 +9,6 @@ import torch
 from torch import Tensor
 
 
-def pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
-
-
 def pct_ci(summary: dict[str, Any] | None) -> str:
     """``61.2 [58.1, 64.2]`` from a ``summarize`` dict."""
     if not summary:

@@ -209,10 +209,6 @@ class Preset:
     def table_rows(self) -> tuple[Row, ...]:
         return tuple(r for r in self.rows if r.role == "row")
 
-    @property
-    def all_datasets(self) -> tuple[str, ...]:
-        return (self.dataset, *self.datasets)
-
 
 PRESETS: Registry = Registry("preset")
 
@@ -595,7 +591,3 @@ register(
                "model from 66.6% to 47.1% (transfer from other sources vs from ALP)."),),
     )
 )  # fmt: skip
-
-
-def get_preset(name: str) -> Preset:
-    return PRESETS.get(name)

@@ -6,7 +6,7 @@ For a preset (:mod:`logitpair.experiments.presets`) and a scale, :func:`reproduc
    ensemble adversarial training) with :func:`logitpair.training.train`, once per seed;
 2. evaluates each table row on the same first N test points: clean accuracy, the paper's
    attack, the worst case over the paper's attack and a strong suite (untargeted tables), or
-   the targeted ImageNet protocol (:func:`~logitpair.evaluation.run.targeted_protocol`: the
+   the targeted ImageNet protocol (:func:`~logitpair.evaluation.targeted.targeted_protocol`: the
    paper's attack, a long targeted PGD after Engstrom et al. 2018 and the ``targeted`` suite,
    all towards the same random targets; top-1, top-5, success rate; untargeted as an extra),
    black-box transfer from the row's source, or a transfer matrix
@@ -58,7 +58,8 @@ from logitpair.data import DATASETS, load_dataset
 from logitpair.environment import environment
 from logitpair.errors import ConfigError
 from logitpair.evaluation import SUITES, AttackSpec, get_suite, pgd_spec, run_protocol
-from logitpair.evaluation.run import targeted_protocol, test_points
+from logitpair.evaluation.run import test_points
+from logitpair.evaluation.targeted import targeted_protocol
 from logitpair.evaluation.transfer import craft, plot_transfer, transfer_markdown, transfer_matrix
 from logitpair.experiments.presets import PRESETS, Preset, Row, long_attack
 from logitpair.experiments.smokedata import write_smoke_data
