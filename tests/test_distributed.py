@@ -38,11 +38,12 @@ from logitpair.methods import METHODS
 delay = float(os.environ.get("LP_STEP_DELAY", "0"))
 if delay:
     name = sys.argv[sys.argv.index("--method") + 1]
-    orig = METHODS.get(name)
+    entry = METHODS.entry(name)
     def slow(*a, **k):
         time.sleep(delay)
-        return orig(*a, **k)
-    METHODS._items[name] = slow
+        return entry.loss(*a, **k)
+    METHODS.unregister(name)
+    METHODS.register(name, settings=entry.settings, cost=entry.cost)(slow)
 exit_after = int(os.environ.get("LP_EXIT_AFTER_CKPT", "0"))
 if exit_after:
     save = loop.save_checkpoint
