@@ -79,12 +79,12 @@ def _max_diff(a: Path, b: Path) -> float:
 
 
 def _train_inproc(data_dir: Path, out: Path, *extra: str) -> None:
+    from logitpair.cli.flags import config_overrides
     from logitpair.cli.main import build_parser
-    from logitpair.cli.train import overrides
 
     args = build_parser().parse_args([*["train", *BASE], "--data-dir", str(data_dir), "--out", str(out), *extra])
     torch.set_num_threads(1)
-    train(make_config(None, overrides(args)), out)
+    train(make_config(None, config_overrides(args)), out)
 
 
 @pytest.fixture(scope="module")

@@ -352,11 +352,11 @@ def test_vat_default_xi_recovers_the_direction_in_float32():
 
 
 def test_vat_xi_of_miyato_et_al_stays_available():
+    from logitpair.cli.flags import config_overrides
     from logitpair.cli.main import build_parser
-    from logitpair.cli.train import overrides
 
     args = build_parser().parse_args(["train", "--method", "vat", "--vat-xi", "1e-6", "--out", "unused"])
-    assert make_config(None, overrides(args)).loss.vat_xi == 1e-6
+    assert make_config(None, config_overrides(args)).loss.vat_xi == 1e-6
     assert make_config(None, {"method": "vat"}).loss.vat_xi == VATSettings().vat_xi == 1e-3
 
 
