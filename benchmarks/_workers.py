@@ -147,9 +147,9 @@ def build_train(task: dict[str, Any], device: torch.device) -> tuple[Callable[[]
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     if "floor" in task:
         return _train_floor(model, net, x, y, opt, **task["floor"]), model
-    from logitpair.methods import METHODS, BatchContext, MethodConfig
+    from logitpair.methods import METHODS, BatchContext
 
-    loss_fn, cfg = METHODS.get(task["method"]), MethodConfig(**task.get("config", {}))
+    loss_fn, cfg = METHODS.get(task["method"]), METHODS.settings(task["method"])(**task.get("config", {}))
     ctx = BatchContext(generator=torch.Generator(device).manual_seed(0))
 
     def fn() -> None:

@@ -16,9 +16,10 @@ its min and max, each measurement in its own process (forked), with its peak mem
   k x (forward + ``torch.autograd.grad`` of the summed CE w.r.t. the input, parameters frozen);
   ``pgd_last_iterate_floor_ratio`` the same with ``keep_best=False``; ``apgd_floor_ratio``: APGD-CE.
 - ``train_step_ratio``: one step of every registered method (``METHODS.get(name)(model, x, y,
-  MethodConfig(), BatchContext())``, backward, SGD step) / its floor (``FLOORS``: PGD-k + one
-  forward+backward on the clean + adversarial batch for M-PGD and ALP; a plain regular step
-  for regular, CLP, LSQ; see ``floor`` in each entry).
+  METHODS.settings(name)(), BatchContext())``, backward, SGD step) / its floor, the cost class
+  its registry entry declares (``METHODS.entry(name).cost``: e.g. PGD-k + one forward+backward
+  on the clean + adversarial batch for M-PGD and ALP; a plain regular step for regular, CLP,
+  LSQ; see ``floor`` in each entry).
 - ``vs_art``: ART's ``ProjectedGradientDescentPyTorch`` time / our ``pgd`` time (same model,
   batch, eps, step, steps, one random start, ``keep_best=False``), or ``"skipped"``.
 - ``vs_autoattack``: per ``--models`` run, on its first ``--n`` test points at its training eps:
@@ -71,22 +72,7 @@ MODELS: dict[str, dict[str, Any]] = {  # shape (C, H, W); attack batch and steps
 CUDA_BATCH = {"lenet5": (1024, 512), "lenet": (1024, 512), "preact-resnet18": (256, 128), "resnet50": (64, 64)}
 QUICK = {"batch": 32, "steps": 3, "train_batch": 16}
 
-# method -> (floor name, attack steps, attack rows / B, training rows / B). Not listed: "regular".
-ATTACK_STEPS, VAT_ITERS = 7, 1  # MethodConfig() defaults, checked in floor_for
-FLOORS: dict[str, tuple[str, int, float, int]] = {
-    "regular": ("regular step", 0, 0, 1),
-    "ls": ("regular step", 0, 0, 1),
-    "mixup": ("regular step", 0, 0, 1),
-    "clp": ("regular step", 0, 0, 1),
-    "lsq": ("regular step", 0, 0, 1),
-    "mpgd": ("PGD-7 + joint step (2B)", ATTACK_STEPS, 1, 2),
-    "alp": ("PGD-7 + joint step (2B)", ATTACK_STEPS, 1, 2),
-    "trades": ("PGD-7 + joint step (2B)", ATTACK_STEPS, 1, 2),
-    "vat": ("1 gradient step + joint step (2B)", VAT_ITERS, 1, 2),
-    "fgsm-rs": ("1 gradient step + step on B", 1, 1, 1),
-    "kurakin": ("1 gradient step on B/2 + step on B", 1, 0.5, 1),
-    "ens-adv": ("1 gradient step on B/2 + step on B", 1, 0.5, 1),
-}
+NO_FLOOR = "regular step (no method-specific floor)"  # a method whose registry entry declares no cost
 SPEC_SUITES = ("quick", "standard", "fast", "pgd40")
 SMALL_ARCHS = ("lenet5", "lenet")  # every training method is measured on these; others: --large-methods
 CORE_METHODS = ("regular", "mpgd", "alp", "clp", "lsq")
@@ -101,13 +87,13 @@ def spread(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
-def floor_for(method: str) -> tuple[str, dict[str, int]]:
-    from logitpair.methods import MethodConfig
+def floor_for(method: str) -> tuple[str, dict[str, Any]]:
+    """The floor of ``method``'s training step: the cost class of its registry entry."""
+    from logitpair.methods import METHODS, StepCost
 
-    cfg = MethodConfig()
-    assert (cfg.attack_steps, cfg.vat_iters) == (ATTACK_STEPS, VAT_ITERS), "update FLOORS"
-    name, steps, attack_frac, train_mult = FLOORS.get(method, ("regular step (no method-specific floor)", 0, 0, 1))
-    return name, {"attack_steps": steps, "attack_frac": attack_frac, "train_mult": train_mult}
+    cost = METHODS.entry(method).cost or StepCost(NO_FLOOR)
+    return cost.floor, {"attack_steps": cost.attack_steps, "attack_frac": cost.attack_rows,
+                        "train_mult": cost.train_rows}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- running workers

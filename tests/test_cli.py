@@ -20,13 +20,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-TRAIN = ["--epochs", "1", "--batch-size", "100", "--val-size", "100", "--attack-steps", "2", "--quiet"]
+TRAIN = ["--epochs", "1", "--batch-size", "100", "--val-size", "100", "--quiet"]
 
 
 def test_train_evaluate_blackbox(tmp_path, data_dir):
-    for method, seed in (("mpgd", "0"), ("regular", "1")):
+    for method, seed, extra in (("mpgd", "0", ["--attack-steps", "2"]), ("regular", "1", [])):
         rc = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--model", "lenet5",
-                   "--method", method, "--eps", "0.1", "--seed", seed, "--out", str(tmp_path / method), *TRAIN])  # fmt: skip
+                   "--method", method, "--eps", "0.1", "--seed", seed, "--out", str(tmp_path / method), *TRAIN,
+                   *extra])  # fmt: skip
         assert rc == 0
     adv_file = tmp_path / "adv.safetensors"
     proc = run_cli("evaluate", str(tmp_path / "regular"), "--source", str(tmp_path / "mpgd"), "--n", "60",

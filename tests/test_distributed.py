@@ -38,11 +38,12 @@ from logitpair.methods import METHODS
 delay = float(os.environ.get("LP_STEP_DELAY", "0"))
 if delay:
     name = sys.argv[sys.argv.index("--method") + 1]
-    orig = METHODS.get(name)
+    entry = METHODS.entry(name)
     def slow(*a, **k):
         time.sleep(delay)
-        return orig(*a, **k)
-    METHODS._items[name] = slow
+        return entry.loss(*a, **k)
+    METHODS.unregister(name)
+    METHODS.register(name, settings=entry.settings, cost=entry.cost)(slow)
 exit_after = int(os.environ.get("LP_EXIT_AFTER_CKPT", "0"))
 if exit_after:
     save = loop.save_checkpoint
@@ -78,12 +79,12 @@ def _max_diff(a: Path, b: Path) -> float:
 
 
 def _train_inproc(data_dir: Path, out: Path, *extra: str) -> None:
+    from logitpair.cli.flags import config_overrides
     from logitpair.cli.main import build_parser
-    from logitpair.cli.train import overrides
 
     args = build_parser().parse_args([*["train", *BASE], "--data-dir", str(data_dir), "--out", str(out), *extra])
     torch.set_num_threads(1)
-    train(make_config(None, overrides(args)), out)
+    train(make_config(None, config_overrides(args)), out)
 
 
 @pytest.fixture(scope="module")

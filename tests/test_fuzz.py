@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from logitpair.config import DataConfig, OptimConfig, RunConfig, build, make_config, to_dict
 from logitpair.data.idx import _TYPES, read_idx
 from logitpair.errors import ConfigError, DataError, LogitpairError
-from logitpair.methods.base import MethodConfig
+from logitpair.methods import METHODS
 
 FUZZ = settings(
     max_examples=int(os.environ.get("LP_FUZZ_EXAMPLES", "300")),
@@ -133,8 +133,9 @@ def test_huge_header_in_tiny_file_fails_fast(tmp_path, gz):
 
 
 # --------------------------------------------------------------------------- config
-SECTIONS = {"": RunConfig, "data": DataConfig, "optim": OptimConfig, "loss": MethodConfig}
-KEYS = sorted({f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)})
+SECTIONS = {"": RunConfig, "data": DataConfig, "optim": OptimConfig, "loss": METHODS.settings("alp")}  # default method
+LOSS_CLASSES = [METHODS.settings(m) for m in METHODS.names()]
+KEYS = sorted({f.name for cls in [*SECTIONS.values(), *LOSS_CLASSES] for f in dataclasses.fields(cls)})
 NAMES = ["lenet5", "lenet", "alp", "clp", "lsq", "mpgd", "regular", "adam", "sgd", "rmsprop", "cosine",
          "step", "constant", "last", "best-robust", "skip", "stop", "l2sq", "l1", "mean", "sum"]  # fmt: skip
 
@@ -184,7 +185,7 @@ def field_value(hint: typing.Any, default: typing.Any) -> st.SearchStrategy:
 
 
 def section(cls: type) -> st.SearchStrategy:
-    hints, proto = typing.get_type_hints(cls), cls()
+    hints, proto = typing.get_type_hints(cls), build(cls, {})
     fields = {f.name: field_value(hints[f.name], getattr(proto, f.name)) for f in dataclasses.fields(cls)}
     return st.fixed_dictionaries({}, optional=fields)
 
@@ -197,7 +198,7 @@ def one_change(draw: st.DrawFn) -> dict:
         sec = draw(st.sampled_from(list(SECTIONS)))
         cls, hints = SECTIONS[sec], typing.get_type_hints(SECTIONS[sec])
         name = draw(st.sampled_from([k for k, h in hints.items() if not dataclasses.is_dataclass(h)]))
-        value = draw(st.one_of(field_value(hints[name], getattr(cls(), name)), scalars))
+        value = draw(st.one_of(field_value(hints[name], getattr(build(cls, {}), name)), scalars))
         (out.setdefault(sec, {}) if sec else out)[name] = value
     return out
 
@@ -222,7 +223,7 @@ def check_config(cfg: RunConfig) -> None:
             assert -(2**63) <= v < 2**63
 
     walk(d)
-    assert 0 <= cfg.loss.eps <= 1 and cfg.optim.batch_size >= 1 and cfg.loss.attack_steps >= 1
+    assert 0 <= cfg.loss.eps <= 1 and cfg.optim.batch_size >= 1 and getattr(cfg.loss, "attack_steps", 1) >= 1
     torch.Generator().manual_seed(cfg.seed * 100_003 + 10_000)  # the seeds train() derives
 
 

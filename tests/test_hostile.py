@@ -24,18 +24,8 @@ from logitpair.config import make_config, to_dict
 from logitpair.data import write_idx
 from logitpair.models import list_models
 
-TRAIN = [
-    "train",
-    "--val-size",
-    "100",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "100",
-    "--attack-steps",
-    "1",
-    "--quiet",
-]
+TRAIN_ANY = ["train", "--val-size", "100", "--epochs", "1", "--batch-size", "100", "--quiet"]
+TRAIN = [*TRAIN_ANY, "--attack-steps", "1"]  # the default method, alp
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -111,7 +101,10 @@ def test_corrupt_data_files(tmp_path, capsys, corrupt, expected):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("loss:\n  epss: 0.1\n", "unknown config key loss.epss; valid keys: adv_fraction, adv_weight, attack,"),
+        (
+            "loss:\n  epss: 0.1\n",
+            "unknown config key loss.epss; valid keys for method 'alp': adv_fraction, attack, attack_random_start,",
+        ),
         ("loss:\n  eps: [0.1]\n", "loss.eps: expected a number, got [0.1]"),
         ("optim:\n  epochs: true\n", "optim.epochs: expected an integer, got True"),
         ("seed: 1.5\n", "seed: expected an integer, got 1.5"),
@@ -160,8 +153,7 @@ def test_out_holds_a_different_run(tmp_path, data_dir, capsys):
     same = {
         "data": {"data_dir": str(data_dir), "val_size": 100},
         "optim": {"epochs": 1, "batch_size": 100},
-        "loss": {"attack_steps": 1},
-    }  # what TRAIN + --data-dir set
+    }  # what TRAIN + --data-dir set, but for the method (clp takes no attack_steps)
     other = make_config(overrides={**same, "method": "clp"})
     (run / "config.json").write_text(json.dumps(to_dict(other)))
     (run / "notes.txt").write_text("mine")
@@ -190,7 +182,7 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
 def _train_argv(run: Path, data_dir: Path, *extra: str) -> list[str]:
     """``logitpair train`` of the small regular run used by the model/checkpoint tests."""
     return [
-        *TRAIN,
+        *TRAIN_ANY,
         "--method",
         "regular",
         "--checkpoint-every",

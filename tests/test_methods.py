@@ -7,12 +7,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from logitpair.config import loss_for
 from logitpair.errors import ConfigError
-from logitpair.methods import METHODS, BatchContext, MethodConfig
+from logitpair.methods import METHODS, BatchContext
 from logitpair.pairing import pair_distance
+from logitpair.settings import accepted_keys
 
-CFG = MethodConfig(eps=0.1, attack_steps=2, attack_step_size=0.05, lam=0.7)
+SETTINGS = {"eps": 0.1, "attack_steps": 2, "attack_step_size": 0.05, "lam": 0.7}
 CTX = BatchContext()
+
+
+def cfg_for(name: str, **values: object):
+    """Method ``name``'s settings: ``SETTINGS`` where it has them, then ``values``."""
+    return METHODS.settings(name)(**{**loss_for(name, SETTINGS), **values})
+
+
+def settings_with(field: str) -> type:
+    """The settings class of the first method that has ``field``."""
+    return next(METHODS.settings(m) for m in METHODS.names() if field in accepted_keys(METHODS.settings(m)))
+
+
+CFG = cfg_for("alp")
 
 
 class Recorder(nn.Module):
@@ -52,7 +67,7 @@ def test_methods_finite_grads_and_mode(name, tiny_data):
     torch.manual_seed(0)
     model = Recorder().train()
     x, y = tiny_data[0][:16], tiny_data[1][:16]
-    loss, metrics = METHODS.get(name)(model, x, y, CFG, CTX)
+    loss, metrics = METHODS.get(name)(model, x, y, cfg_for(name), CTX)
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert all(not v.requires_grad for v in metrics.values())
     loss.backward()
@@ -66,7 +81,7 @@ def test_adversarial_methods_attack_in_eval_and_train_on_joint_batch(name, tiny_
     torch.manual_seed(0)
     model = Recorder().train()
     x, y = tiny_data[0][:16], tiny_data[1][:16]
-    METHODS.get(name)(model, x, y, CFG, CTX)
+    METHODS.get(name)(model, x, y, cfg_for(name), CTX)
     attack_calls = [c for c in model.calls if c[0] is False]
     train_calls = [c for c in model.calls if c[0] is True]
     assert len(attack_calls) >= CFG.attack_steps and all(n == 16 for _, n in attack_calls)
@@ -77,13 +92,13 @@ def test_alp_is_mpgd_plus_lambda_pairing(tiny_data):
     model = Recorder().eval()  # eval: BatchNorm statistics stay fixed between the calls
     x, y = tiny_data[0][:16], tiny_data[1][:16]
     torch.manual_seed(3)
-    mpgd, _ = METHODS.get("mpgd")(model, x, y, CFG, CTX)
+    mpgd, _ = METHODS.get("mpgd")(model, x, y, cfg_for("mpgd"), CTX)
     torch.manual_seed(3)
     alp, m = METHODS.get("alp")(model, x, y, CFG, CTX)
     assert m["pair"] > 0
     assert torch.allclose(alp, mpgd + CFG.lam * m["pair"])
     torch.manual_seed(3)
-    alp0, _ = METHODS.get("alp")(model, x, y, MethodConfig(**{**CFG.__dict__, "lam": 0.0}), CTX)
+    alp0, _ = METHODS.get("alp")(model, x, y, cfg_for("alp", lam=0.0), CTX)
     assert torch.allclose(alp0, mpgd)
 
 
@@ -91,7 +106,7 @@ def test_mpgd_is_half_clean_half_adversarial(tiny_data):
     model = Recorder().eval()
     x, y = tiny_data[0][:16], tiny_data[1][:16]
     torch.manual_seed(3)
-    loss, _ = METHODS.get("mpgd")(model, x, y, CFG, CTX)
+    loss, _ = METHODS.get("mpgd")(model, x, y, cfg_for("mpgd"), CTX)
     torch.manual_seed(3)
     from logitpair.attacks import pgd
 
@@ -117,7 +132,7 @@ def test_clp_pairs_first_half_with_second_half():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.w * x.flatten(1)[:, :10]
 
-    cfg = MethodConfig(lam=1.0, noise_std=0.0)
+    cfg = METHODS.settings("clp")(lam=1.0, noise_std=0.0)
     half = torch.rand(4, 1, 28, 28)
     y = torch.zeros(8, dtype=torch.long)
     _, m = METHODS.get("clp")(Identity(), torch.cat([half, half]), y, cfg, CTX)
@@ -140,7 +155,9 @@ def test_lsq_penalises_unsquared_logit_norm():
             return self.z + 0 * x.sum()
 
     y = torch.tensor([0, 9])
-    loss, m = METHODS.get("lsq")(Fixed(), torch.rand(2, 1, 28, 28), y, MethodConfig(lam=0.5, noise_std=0.0), CTX)
+    loss, m = METHODS.get("lsq")(
+        Fixed(), torch.rand(2, 1, 28, 28), y, METHODS.settings("lsq")(lam=0.5, noise_std=0.0), CTX
+    )
     assert torch.allclose(m["logit_norm"], torch.tensor(3.5))
     ce = F.cross_entropy(Fixed().z, y)
     assert torch.allclose(loss, ce + 0.5 * 3.5)
@@ -150,8 +167,8 @@ def test_noise_methods_add_noise(tiny_data):
     model = Recorder().train()
     x, y = tiny_data[0][:8], tiny_data[1][:8]
     torch.manual_seed(0)
-    a, _ = METHODS.get("lsq")(model, x, y, MethodConfig(noise_std=0.5), CTX)
-    b, _ = METHODS.get("lsq")(model, x, y, MethodConfig(noise_std=0.5), CTX)
+    a, _ = METHODS.get("lsq")(model, x, y, METHODS.settings("lsq")(noise_std=0.5), CTX)
+    b, _ = METHODS.get("lsq")(model, x, y, METHODS.settings("lsq")(noise_std=0.5), CTX)
     assert not torch.equal(a, b)
 
 
@@ -168,4 +185,4 @@ def test_noise_methods_add_noise(tiny_data):
 )
 def test_bad_method_config_rejected(field, value):
     with pytest.raises(ConfigError, match=field):
-        MethodConfig(**{field: value})
+        settings_with(field)(**{field: value})

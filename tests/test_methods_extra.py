@@ -5,7 +5,6 @@ against hand-computed values on tiny inputs."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import pytest
@@ -14,24 +13,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from logitpair.attacks.pgd import pgd
+from logitpair.config import loss_for, make_config
 from logitpair.errors import ConfigError
-from logitpair.methods import METHODS, BatchContext, MethodConfig, kurakin, mixup
+from logitpair.methods import METHODS, BatchContext, kurakin, mixup
 from logitpair.methods.context import NOISE
 from logitpair.methods.crafting import craft, fgsm_rs, fgsm_rs_start
-from logitpair.methods.vat import kl_logit_gradient, l2_unit, vat_perturbation
+from logitpair.methods.vat import VATSettings, kl_logit_gradient, l2_unit, vat_perturbation
 from logitpair.models import create_model
 from logitpair.pairing import DISTANCES, pair_distance
+from logitpair.settings import accepted_keys, alias_map
 from logitpair.threat import Linf
 
-CFG = MethodConfig(eps=0.1, attack_steps=2, attack_step_size=0.05, lam=0.7)
+SETTINGS = {"eps": 0.1, "attack_steps": 2, "attack_step_size": 0.05, "lam": 0.7}
+
+
+def cfg_for(name: str, **values: object):
+    """Method ``name``'s settings: ``SETTINGS`` where it has them, then ``values``."""
+    return METHODS.settings(name)(**{**loss_for(name, SETTINGS), **values})
+
+
+CFG = cfg_for("alp")
 
 
 def seeded(seed: int = 0) -> BatchContext:
     return BatchContext(generator=torch.Generator().manual_seed(seed))
-
-
-def replace(cfg: MethodConfig, **changes: object) -> MethodConfig:
-    return dataclasses.replace(cfg, **changes)
 
 
 class Recorder(nn.Module):
@@ -83,7 +88,9 @@ def batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 def test_label_smoothing_hand_computed():
     z = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
     y = torch.tensor([0, 2])
-    loss, _ = METHODS.get("ls")(Fixed(z), torch.zeros(2, 1, 2, 2), y, MethodConfig(smoothing=0.3), BatchContext())
+    loss, _ = METHODS.get("ls")(
+        Fixed(z), torch.zeros(2, 1, 2, 2), y, METHODS.settings("ls")(label_smoothing=0.3), BatchContext()
+    )
     expected = 0.0
     for row, label in zip(z.tolist(), y.tolist()):
         log_norm = math.log(sum(math.exp(v) for v in row))
@@ -101,7 +108,7 @@ def test_mixup_at_half_equals_mixed_target_ce(monkeypatch):
     monkeypatch.setattr(mixup, "mix_permutation", lambda x, ctx: perm)
     model = Linear(12, 5)
     x, y = torch.rand(4, 1, 3, 4), torch.tensor([0, 1, 4, 1])
-    loss, m = METHODS.get("mixup")(model, x, y, MethodConfig(), BatchContext())
+    loss, m = METHODS.get("mixup")(model, x, y, METHODS.settings("mixup")(), BatchContext())
     logp = F.log_softmax(model(0.5 * x + 0.5 * x[perm]), 1)
     soft = 0.5 * F.one_hot(y, 5) + 0.5 * F.one_hot(y[perm], 5)  # mixed one-hot targets
     assert torch.allclose(loss, -(soft * logp).sum(1).mean(), atol=1e-6)
@@ -111,11 +118,11 @@ def test_mixup_at_half_equals_mixed_target_ce(monkeypatch):
 def test_mixup_randomness_from_context():
     x, y = batch(8)
     model = Linear(784, 10)
-    a, ma = METHODS.get("mixup")(model, x, y, MethodConfig(), seeded(3))
+    a, ma = METHODS.get("mixup")(model, x, y, METHODS.settings("mixup")(), seeded(3))
     torch.manual_seed(123)  # the global RNG must not matter
-    b, _ = METHODS.get("mixup")(model, x, y, MethodConfig(), seeded(3))
+    b, _ = METHODS.get("mixup")(model, x, y, METHODS.settings("mixup")(), seeded(3))
     assert torch.equal(a, b) and 0 < ma["lam"] < 1
-    _, mc = METHODS.get("mixup")(model, x, y, MethodConfig(), seeded(4))
+    _, mc = METHODS.get("mixup")(model, x, y, METHODS.settings("mixup")(), seeded(4))
     assert mc["lam"] != ma["lam"]
     perm = mixup.mix_permutation(x, BatchContext(indices=torch.arange(8), noise_key=9))
     assert sorted(perm.tolist()) == list(range(8))
@@ -143,7 +150,7 @@ def test_kurakin_loss_formula(monkeypatch):
     model = Linear(6, 3, seed=1)
     x = 0.2 + 0.6 * torch.rand(4, 1, 2, 3, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 1])
-    loss, m = METHODS.get("kurakin")(model, x, y, MethodConfig(eps=0.1), BatchContext())
+    loss, m = METHODS.get("kurakin")(model, x, y, METHODS.settings("kurakin")(eps=0.1), BatchContext())
     with torch.no_grad():
         w = model.w
         logits = model(x[:2])
@@ -160,7 +167,7 @@ def test_kurakin_loss_formula(monkeypatch):
 def test_kurakin_attacks_in_eval_and_trains_on_one_mixed_batch():
     model = Recorder().train()
     x, y = batch(16)
-    METHODS.get("kurakin")(model, x, y, CFG, seeded())
+    METHODS.get("kurakin")(model, x, y, cfg_for("kurakin"), seeded())
     assert [c for c in model.calls if c[0]] == [(True, 16)]
     assert all(n == 8 for train, n in model.calls if not train)
 
@@ -178,9 +185,11 @@ def test_truncated_normal_eps():
         cdf = math.erf(t.quantile(q).item() / (sigma * math.sqrt(2))) / math.erf(math.sqrt(2))
         assert abs(cdf - q) < 0.01
     x = torch.zeros(5, 1, 2, 2)
-    fixed = kurakin.example_eps(x, MethodConfig(eps=0.2, random_eps=False), BatchContext())
+    fixed = kurakin.example_eps(x, METHODS.settings("kurakin")(eps=0.2, random_eps=False), BatchContext())
     assert torch.equal(fixed, torch.full((5,), 0.2))
-    drawn = kurakin.example_eps(x, MethodConfig(eps=0.2), BatchContext(indices=torch.arange(5), noise_key=1))
+    drawn = kurakin.example_eps(
+        x, METHODS.settings("kurakin")(eps=0.2), BatchContext(indices=torch.arange(5), noise_key=1)
+    )
     assert ((drawn >= 0) & (drawn <= 0.2)).all() and len(set(drawn.tolist())) == 5
 
 
@@ -196,7 +205,7 @@ def test_ensemble_rotation_and_static_models_untouched():
         model.calls.clear()
         ctx = BatchContext(generator=torch.Generator().manual_seed(step), step=step, static_models=statics)
         index, _ = kurakin.source_model(model, ctx)
-        loss, _ = METHODS.get("ens-adv")(model, x, y, CFG, ctx)
+        loss, _ = METHODS.get("ens-adv")(model, x, y, cfg_for("ens-adv"), ctx)
         loss.backward()
         attacked = [i for i, s in enumerate((model, *statics)) if any(not train for train, _ in s.calls)]
         assert attacked == [index]
@@ -212,10 +221,10 @@ def test_ensemble_rotation_and_static_models_untouched():
 def test_ens_adv_without_static_models_is_kurakin():
     x, y = batch(8)
     model = Recorder().eval()
-    a, _ = METHODS.get("kurakin")(model, x, y, CFG, seeded(1))
-    b, _ = METHODS.get("ens-adv")(model, x, y, CFG, seeded(1))
+    a, _ = METHODS.get("kurakin")(model, x, y, cfg_for("kurakin"), seeded(1))
+    b, _ = METHODS.get("ens-adv")(model, x, y, cfg_for("ens-adv"), seeded(1))
     assert torch.equal(a, b)
-    c, _ = METHODS.get("ens-adv")(model, x, y, replace(CFG, ens_attack="fgsm"), seeded(1))
+    c, _ = METHODS.get("ens-adv")(model, x, y, cfg_for("ens-adv", ens_attack="fgsm"), seeded(1))
     assert not torch.equal(a, c)
 
 
@@ -225,11 +234,11 @@ def test_ens_adv_without_static_models_is_kurakin():
 def test_trades_kl_zero_without_perturbation_and_positive_with():
     x, y = batch(8)
     model = Recorder().train()
-    loss, m = METHODS.get("trades")(model, x, y, replace(CFG, eps=0.0), seeded())
+    loss, m = METHODS.get("trades")(model, x, y, cfg_for("trades", eps=0.0), seeded())
     assert m["kl"].abs() < 1e-6
     assert torch.allclose(loss, m["ce"] + 6.0 * m["kl"])
     model.calls.clear()
-    loss, m = METHODS.get("trades")(model, x, y, CFG, seeded())
+    loss, m = METHODS.get("trades")(model, x, y, cfg_for("trades"), seeded())
     assert m["kl"] > 0
     assert [c for c in model.calls if c[0]] == [(True, 16)], "clean and adversarial as one train-mode batch"
     assert sum(not train for train, _ in model.calls) == 1 + CFG.attack_steps
@@ -238,7 +247,7 @@ def test_trades_kl_zero_without_perturbation_and_positive_with():
 def test_trades_kl_as_reference():
     x, y = batch(6)
     model = Linear(784, 10)
-    cfg = replace(CFG, beta=1.0)
+    cfg = cfg_for("trades", beta=1.0)
     loss, m = METHODS.get("trades")(model, x, y, cfg, seeded(2))
     from logitpair.methods.trades import trades_adversary
 
@@ -257,7 +266,7 @@ def test_vat_perturbation_norm_and_loss():
     x, y = batch(8)
     x[:, :, :4] = 1.0  # some pixels at the bound: clipping must happen after scaling
     model = Recorder().train()
-    cfg = MethodConfig(vat_eps=2.0)
+    cfg = VATSettings(vat_eps=2.0)
     r = vat_perturbation(model, x, cfg, seeded())
     assert torch.allclose(r.flatten(1).norm(dim=1), torch.full((8,), 2.0), rtol=1e-5)
     loss, m = METHODS.get("vat")(model, x, y, cfg, seeded())
@@ -269,7 +278,7 @@ def test_vat_direction_beats_random_in_float64():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
     x = 0.25 + 0.5 * torch.rand(16, 1, 8, 8, dtype=torch.float64)
-    cfg = MethodConfig(vat_eps=0.5)
+    cfg = VATSettings(vat_eps=0.5)
     with torch.no_grad():
         p = model(x)
     gains = []
@@ -316,7 +325,7 @@ def test_vat_direction_on_confident_points_in_float32():
     with torch.no_grad():
         sure = 1 - model64(x.double()).softmax(1).amax(1) < 1e-4
     assert sure.sum() >= 4, "the test needs confident points"
-    r = vat_perturbation(model, x, MethodConfig(vat_xi=1e-3), ctx)
+    r = vat_perturbation(model, x, VATSettings(vat_xi=1e-3), ctx)
     cosine = F.cosine_similarity(r.flatten(1).double(), exact.flatten(1), dim=1)
     assert (cosine > 0.999).all(), cosine
 
@@ -331,25 +340,24 @@ def test_vat_default_xi_recovers_the_direction_in_float32():
     ctx = BatchContext(indices=torch.arange(8), noise_key=7)  # keyed draws: the same d in float32 and float64
     exact = exact_vat_direction(model64, x.double(), l2_unit(ctx.normal(x.double(), NOISE)))
 
-    def cosine(cfg: MethodConfig) -> torch.Tensor:
+    def cosine(cfg: VATSettings) -> torch.Tensor:
         r = vat_perturbation(model, x, cfg, ctx)
         assert r.dtype == torch.float32
         return F.cosine_similarity(r.flatten(1).double(), exact.flatten(1), dim=1)
 
-    default = cosine(MethodConfig())
+    default = cosine(VATSettings())
     assert (default > 0.99).all(), default
-    paper = cosine(MethodConfig(vat_xi=1e-6))
+    paper = cosine(VATSettings(vat_xi=1e-6))
     assert paper.min() < 0.5, paper
 
 
 def test_vat_xi_of_miyato_et_al_stays_available():
+    from logitpair.cli.flags import config_overrides
     from logitpair.cli.main import build_parser
-    from logitpair.cli.train import overrides
-    from logitpair.config import make_config
 
     args = build_parser().parse_args(["train", "--method", "vat", "--vat-xi", "1e-6", "--out", "unused"])
-    assert make_config(None, overrides(args)).loss.vat_xi == 1e-6
-    assert make_config(None, {"method": "vat"}).loss.vat_xi == MethodConfig().vat_xi == 1e-3
+    assert make_config(None, config_overrides(args)).loss.vat_xi == 1e-6
+    assert make_config(None, {"method": "vat"}).loss.vat_xi == VATSettings().vat_xi == 1e-3
 
 
 # ---------------------------------------------------------------- pairing distances
@@ -377,7 +385,7 @@ def test_alp_with_kl_distance():
     x, y = batch(8)
     model = Recorder().eval()
     torch.manual_seed(0)
-    loss, m = METHODS.get("alp")(model, x, y, replace(CFG, distance="kl"), BatchContext())
+    loss, m = METHODS.get("alp")(model, x, y, cfg_for("alp", distance="kl"), BatchContext())
     assert m["pair"] > 0 and torch.allclose(loss, m["ce"] + CFG.lam * m["pair"])
 
 
@@ -404,9 +412,9 @@ def test_fgsm_rs_start_and_step():
 def test_fgsm_rs_method_is_mpgd_with_fgsm_rs_and_full_fraction():
     x, y = batch(8)
     model = Recorder().eval()
-    a, m = METHODS.get("fgsm-rs")(model, x, y, CFG, seeded(5))
-    b, _ = METHODS.get("mpgd")(model, x, y, replace(CFG, attack="fgsm-rs", adv_fraction=1.0), seeded(5))
-    x_adv = craft(model, x, y, replace(CFG, attack="fgsm-rs"), seeded(5))
+    a, m = METHODS.get("fgsm-rs")(model, x, y, cfg_for("fgsm-rs"), seeded(5))
+    b, _ = METHODS.get("mpgd")(model, x, y, cfg_for("mpgd", attack="fgsm-rs", adv_fraction=1.0), seeded(5))
+    x_adv = craft(model, x, y, cfg_for("mpgd", attack="fgsm-rs"), seeded(5))
     assert torch.equal(a, b) and torch.allclose(a, F.cross_entropy(model(x_adv), y))
     assert Linf(CFG.eps).contains(x, x_adv).all() and "acc_adv" in m
 
@@ -414,7 +422,7 @@ def test_fgsm_rs_method_is_mpgd_with_fgsm_rs_and_full_fraction():
 def test_alp_with_fgsm_rs_crafts_one_step():
     model = Recorder().train()
     x, y = batch(8)
-    METHODS.get("alp")(model, x, y, replace(CFG, attack="fgsm-rs"), seeded())
+    METHODS.get("alp")(model, x, y, cfg_for("alp", attack="fgsm-rs"), seeded())
     assert model.calls == [(False, 8), (True, 16)]
 
 
@@ -426,37 +434,37 @@ def test_alp_with_fgsm_rs_crafts_one_step():
 def test_adv_fraction_half_is_the_default_exactly(name, reduction):
     x, y = batch(8)
     model = Recorder().eval()
-    base = replace(CFG, ce_reduction=reduction)
+    base = cfg_for(name, ce_reduction=reduction)
     torch.manual_seed(3)
     a, _ = METHODS.get(name)(model, x, y, base, BatchContext())
     torch.manual_seed(3)
-    b, _ = METHODS.get(name)(model, x, y, replace(base, adv_fraction=0.5), BatchContext())
+    b, _ = METHODS.get(name)(model, x, y, cfg_for(name, ce_reduction=reduction, adv_fraction=0.5), BatchContext())
     assert torch.equal(a, b)
-    assert MethodConfig().adv_fraction == 0.5
+    assert METHODS.settings(name)().adv_fraction == 0.5
 
 
 def test_adv_fraction_one_is_pure_adversarial_ce():
     x, y = batch(8)
     model = Recorder().eval()
     torch.manual_seed(3)
-    loss, m = METHODS.get("mpgd")(model, x, y, replace(CFG, adv_fraction=1.0), BatchContext())
+    loss, m = METHODS.get("mpgd")(model, x, y, cfg_for("mpgd", adv_fraction=1.0), BatchContext())
     torch.manual_seed(3)
     xa = pgd(model, x, y, threat=CFG.threat, steps=CFG.attack_steps, step_size=CFG.attack_step_size, keep_best=False)
     adv_ce = F.cross_entropy(model(xa), y)
     assert torch.allclose(loss, adv_ce, atol=1e-6) and "acc" not in m
     torch.manual_seed(3)
-    loss, m = METHODS.get("alp")(model, x, y, replace(CFG, adv_fraction=1.0), BatchContext())
+    loss, m = METHODS.get("alp")(model, x, y, cfg_for("alp", adv_fraction=1.0), BatchContext())
     pair = ((model(x) - model(xa)) ** 2).mean()
     assert torch.allclose(m["ce"], adv_ce, atol=1e-6) and torch.allclose(loss, adv_ce + CFG.lam * pair, atol=1e-6)
     torch.manual_seed(3)
-    loss, _ = METHODS.get("mpgd")(model, x, y, replace(CFG, adv_fraction=0.25), BatchContext())
+    loss, _ = METHODS.get("mpgd")(model, x, y, cfg_for("mpgd", adv_fraction=0.25), BatchContext())
     assert torch.allclose(loss, 0.75 * F.cross_entropy(model(x), y) + 0.25 * adv_ce, atol=1e-6)
 
 
 def test_mpgd_full_fraction_skips_clean_forward():
     model = Recorder().train()
     x, y = batch(8)
-    METHODS.get("mpgd")(model, x, y, replace(CFG, adv_fraction=1.0), seeded())
+    METHODS.get("mpgd")(model, x, y, cfg_for("mpgd", adv_fraction=1.0), seeded())
     assert [c for c in model.calls if c[0]] == [(True, 8)]
 
 
@@ -466,14 +474,16 @@ def test_mpgd_full_fraction_skips_clean_forward():
 def test_feature_pairing_hooks_the_named_layer():
     x, y = batch(8)
     model = Recorder().eval()
-    cfg = replace(CFG, attack_random_start=False, pair_layer="net.3", pair_target="features")
+    cfg = cfg_for("alp", attack_random_start=False, pair_layer="net.3", pair_target="features")
     _, m = METHODS.get("alp")(model, x, y, cfg, BatchContext())
     x_adv = craft(model, x, y, cfg, BatchContext())  # deterministic: no random start, eval mode
     hidden = model.net[:4]
     expected = ((hidden(x) - hidden(x_adv)) ** 2).mean()
     assert torch.allclose(m["pair"], expected, atol=1e-6) and torch.allclose(m["pair_features"], expected)
     assert not model.net[3]._forward_hooks, "the hook is removed after the forward"
-    _, both = METHODS.get("alp")(model, x, y, replace(cfg, pair_target="both"), BatchContext())
+    _, both = METHODS.get("alp")(
+        model, x, y, cfg_for("alp", attack_random_start=False, pair_layer="net.3", pair_target="both"), BatchContext()
+    )
     logit_pair = ((model(x) - model(x_adv)) ** 2).mean()
     assert torch.allclose(both["pair"], expected + logit_pair, atol=1e-6)
     assert torch.allclose(both["pair_logits"], logit_pair, atol=1e-6)
@@ -482,7 +492,7 @@ def test_feature_pairing_hooks_the_named_layer():
 def test_feature_pairing_zero_for_identical_inputs():
     x, y = batch(8)
     model = Recorder().train()
-    cfg = replace(CFG, eps=0.0, pair_layer="net.2", pair_target="features")
+    cfg = cfg_for("alp", eps=0.0, pair_layer="net.2", pair_target="features")
     loss, m = METHODS.get("alp")(model, x, y, cfg, seeded())
     assert m["pair"].abs() < 1e-6 and torch.allclose(loss, m["ce"] + CFG.lam * m["pair"])
 
@@ -490,11 +500,12 @@ def test_feature_pairing_zero_for_identical_inputs():
 def test_feature_pairing_errors():
     x, y = batch(4)
     with pytest.raises(ValueError, match=r"no module 'net\.9'.*net\.1"):
-        METHODS.get("alp")(Recorder(), x, y, replace(CFG, pair_layer="net.9", pair_target="both"), seeded())
-    with pytest.raises(ConfigError, match="pair_layer"):
-        MethodConfig(pair_target="features")
-    with pytest.raises(ConfigError, match="pair_layer"):
-        MethodConfig(pair_layer="net.3")
+        METHODS.get("alp")(Recorder(), x, y, cfg_for("alp", pair_layer="net.9", pair_target="both"), seeded())
+    for name in ("alp", "clp"):
+        with pytest.raises(ConfigError, match="pair_layer"):
+            METHODS.settings(name)(pair_target="features")
+        with pytest.raises(ConfigError, match="pair_layer"):
+            METHODS.settings(name)(pair_layer="net.3")
 
 
 # ---------------------------------------------------------------- all methods
@@ -506,9 +517,9 @@ def test_methods_take_randomness_from_context(name):
     model = Recorder().eval()
     for ctx in (lambda: seeded(7), lambda: BatchContext(indices=torch.arange(8) + 100, noise_key=5)):
         torch.manual_seed(0)
-        a, _ = METHODS.get(name)(model, x, y, CFG, ctx())
+        a, _ = METHODS.get(name)(model, x, y, cfg_for(name), ctx())
         torch.manual_seed(1)
-        b, _ = METHODS.get(name)(model, x, y, CFG, ctx())
+        b, _ = METHODS.get(name)(model, x, y, cfg_for(name), ctx())
         assert torch.equal(a, b), name
 
 
@@ -522,6 +533,7 @@ def test_methods_take_randomness_from_context(name):
         ("pair_target", "weights"),
         ("smoothing", 1.0),
         ("mixup_alpha", 0.0),
+        ("alpha", 0.0),
         ("vat_eps", -1.0),
         ("vat_xi", 0.0),
         ("vat_iters", 0),
@@ -532,5 +544,12 @@ def test_methods_take_randomness_from_context(name):
     ],
 )
 def test_bad_new_fields_rejected(field, value):
-    with pytest.raises(ConfigError, match=field):
-        MethodConfig(**{field: value})
+    """Each method that takes the setting (or its old name) rejects the value, naming the field."""
+    takers = [m for m in METHODS.names() if field in accepted_keys(METHODS.settings(m))]
+    assert takers, field
+    for method in takers:
+        name = alias_map(METHODS.settings(method)).get(field, field)
+        with pytest.raises(ConfigError, match=name):
+            make_config(overrides={"method": method, "loss": {field: value}})
+        with pytest.raises(ConfigError, match=name):
+            METHODS.settings(method)(**{name: value})

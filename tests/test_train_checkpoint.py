@@ -25,8 +25,9 @@ def tiny_cfg(data_dir: Path, **over):
         "optim": {"epochs": 2, "batch_size": 50},
         "loss": {"attack_steps": 2, "attack_step_size": 0.05, "noise_std": 0.3},
     }  # fmt: skip
-    from logitpair.config import merge
+    from logitpair.config import loss_for, merge
 
+    base["loss"] = loss_for(over.get("method", base["method"]), base["loss"])  # the settings the method takes
     return make_config(overrides=merge(base, over))
 
 

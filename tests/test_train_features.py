@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from logitpair.checkpoint import latest_checkpoint, load_checkpoint
-from logitpair.config import make_config
+from logitpair.config import loss_for, make_config
 from logitpair.training import loop, train
 
 
@@ -25,6 +25,7 @@ def cfg_for(data_dir, **kw):
         "optim": {"epochs": 3, "batch_size": 100},
         "loss": {"attack_steps": 1},
     }
+    base["loss"] = loss_for(kw.get("method", "alp"), base["loss"])  # the settings the method takes
     for k, v in kw.items():
         base[k] = {**base[k], **v} if isinstance(v, dict) else v
     return make_config(None, base)

@@ -1,7 +1,15 @@
 """Run configuration: nested frozen dataclasses, built from YAML/TOML files and CLI overrides.
 
+A run's config is :class:`RunConfig` with the sections ``data`` (:class:`DataConfig`), ``optim``
+(:class:`OptimConfig`) and ``loss``: the settings dataclass of the run's method
+(``METHODS.settings(method)``, declared next to its loss), so the valid ``loss`` keys depend on
+the method. Every field is declared with :func:`logitpair.settings.setting` (default, one line
+of help, check, old names); the command line generates its flags from the same fields.
+
 Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key.
-Numbers may be written as fractions (``eps: 8/255``); nothing is ever ``eval``-ed.
+Numbers may be written as fractions (``eps: 8/255``); nothing is ever ``eval``-ed. Configs saved
+by version 1 (one ``loss`` section holding every method's settings) are migrated on reading
+(:func:`migrate`).
 """
 
 from __future__ import annotations
@@ -11,149 +19,198 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from logitpair.errors import ConfigError
-from logitpair.methods.base import MethodConfig
+from logitpair.methods import METHODS, LossSettings
+from logitpair.settings import (
+    Check,
+    above,
+    accepted_keys,
+    alias_map,
+    at_least,
+    between,
+    canonical_keys,
+    check_fields,
+    one_of,
+    setting,
+)
 from logitpair.threat import parse_fraction
 
+OPTIMIZERS = ("sgd", "adam", "rmsprop", "rmsprop-tf")
+DEVICE = Check(lambda v: v in ("cpu", "cuda") or v.startswith("cuda:"), "cpu, cuda or cuda:N")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    val_size: int = 5000
-    image_size: int = 0  # folder datasets (imagenet, tiny-imagenet): side in pixels; 0 = the dataset's default
-    workers: int = 0  # decoding processes for folder datasets (in-memory datasets need none)
-    skip_bad: bool = False  # folder datasets: skip unreadable images (counted in the log) instead of failing
+    """Data."""
+
+    dataset: str = setting("fashion-mnist", "dataset name (see `logitpair list`)")
+    data_dir: str | None = setting(None, "folder with the dataset's files (None: its standard location)")
+    val_size: int = setting(5000, "validation images held out of the training set", check=at_least(0))
+    image_size: int = setting(
+        0, "folder datasets (imagenet, tiny-imagenet): side in pixels; 0 = the dataset's default", check=at_least(0)
+    )
+    workers: int = setting(
+        0, "decoding processes for folder datasets (in-memory datasets need none)", check=at_least(0)
+    )
+    skip_bad: bool = setting(False, "folder datasets: skip unreadable images (counted in the log) instead of failing")
 
     def __post_init__(self) -> None:
-        if self.val_size < 0:
-            raise ConfigError(f"data.val_size: expected >= 0, got {self.val_size}")
-        if self.image_size < 0:
-            raise ConfigError(f"data.image_size: expected >= 0, got {self.image_size}")
-        if self.workers < 0:
-            raise ConfigError(f"data.workers: expected >= 0, got {self.workers}")
+        check_fields(self, "data.")
 
     def options(self) -> dict[str, Any]:
         """Loader options for ``load_dataset`` (None = the loader's default / not applicable)."""
         return {"image_size": self.image_size or None, "skip_bad": self.skip_bad or None}
 
 
-OPTIMIZERS = ("sgd", "adam", "rmsprop", "rmsprop-tf")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    # sgd | adam | rmsprop (torch.optim.RMSprop) | rmsprop-tf (TensorFlow's RMSProp, the official
-    # ALP optimiser: ms initialised to 1, eps inside the square root; training/optim.py)
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    lr_reference_batch: int = 0  # > 0: lr is scaled by batch_size / lr_reference_batch (official: 0.045 per 32)
-    momentum: float = 0.9  # SGD momentum / RMSProp momentum
-    weight_decay: float = 0.0  # L2: adds weight_decay * w to the gradient (= weight_decay/2 * ||w||^2 in the loss)
-    rmsprop_decay: float = 0.9
-    rmsprop_eps: float = 1.0  # RMSProp epsilon (the official ALP code uses 1.0 with rmsprop-tf)
-    schedule: str = "cosine"  # constant | cosine | step
-    step_every: int = 2  # epochs between decays for the step schedule
-    step_gamma: float = 0.94
-    warmup_epochs: float = 0.0  # linear warm-up from 0 (ours; the official recipe has none)
-    epochs: int = 2
-    batch_size: int = 128  # the global batch: split over processes and accumulation steps
-    accum_steps: int = 1  # gradient accumulation: micro-batches per optimisation step and process
+    """Optimiser and schedule."""
+
+    optimizer: str = setting(
+        "adam",
+        "sgd, adam, rmsprop (torch.optim.RMSprop) or rmsprop-tf (TensorFlow's RMSProp, the official ALP optimiser: "
+        "mean square initialised to 1, eps inside the square root)",
+        check=one_of(*OPTIMIZERS),
+    )
+    lr: float = setting(1e-3, "learning rate", check=above(0))
+    lr_reference_batch: int = setting(
+        0, "> 0: lr is scaled by batch_size / lr_reference_batch (official: 0.045 per 32)", check=at_least(0)
+    )
+    momentum: float = setting(0.9, "SGD momentum / RMSProp momentum")
+    weight_decay: float = setting(
+        0.0, "L2: adds weight_decay * w to the gradient (= weight_decay/2 * ||w||^2 in the loss)", check=at_least(0)
+    )
+    rmsprop_decay: float = setting(0.9, "RMSProp decay of the mean square")
+    rmsprop_eps: float = setting(1.0, "RMSProp epsilon (the official ALP code: 1.0 with rmsprop-tf)")
+    schedule: str = setting(
+        "cosine", "learning-rate schedule: constant, cosine or step", check=one_of("constant", "cosine", "step")
+    )
+    step_every: int = setting(2, "epochs between decays of the step schedule", check=at_least(1))
+    step_gamma: float = setting(0.94, "decay factor of the step schedule")
+    warmup_epochs: float = setting(
+        0.0, "linear learning-rate warm-up from 0 (ours; the official recipe has none)", check=at_least(0)
+    )
+    epochs: int = setting(2, "training epochs", check=at_least(1))
+    batch_size: int = setting(128, "the global batch: split over processes and accumulation steps", check=at_least(1))
+    accum_steps: int = setting(
+        1, "gradient accumulation: micro-batches per optimisation step and process", check=at_least(1)
+    )
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optim.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.schedule not in ("constant", "cosine", "step"):
-            raise ConfigError(f"optim.schedule: expected constant, cosine or step, got {self.schedule!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr: expected > 0, got {self.lr}")
-        if self.epochs < 1:
-            raise ConfigError(f"optim.epochs: expected >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"optim.batch_size: expected >= 1, got {self.batch_size}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay: expected >= 0, got {self.weight_decay}")
-        if self.step_every < 1:
-            raise ConfigError(f"optim.step_every: expected >= 1, got {self.step_every}")
-        if self.accum_steps < 1:
-            raise ConfigError(f"optim.accum_steps: expected >= 1, got {self.accum_steps}")
-        if self.lr_reference_batch < 0:
-            raise ConfigError(f"optim.lr_reference_batch: expected >= 0, got {self.lr_reference_batch}")
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"optim.warmup_epochs: expected >= 0, got {self.warmup_epochs}")
+        check_fields(self, "optim.")
 
 
-@dataclass(frozen=True)
+RUN, VALIDATION, EXPORT, HARDWARE, LOGGING = (
+    "Run",
+    "Validation, selection and guards",
+    "Checkpoints and exported weights",
+    "Device and speed",
+    "Logging",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    model: str = "lenet5"
-    method: str = "alp"
-    seed: int = 0
-    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of epoch only)
-    val_points: int = 1000  # validation points attacked each epoch (PGD-10)
-    val_attack_steps: int = 10
-    # also the robust accuracy under this attack suite (e.g. fast) on the same points each
-    # epoch (val_robust; select=best-robust then uses it); "" = PGD only
-    val_suite: str = ""
-    select: str = "last"  # which weights the run exports: last | best-robust | best-clean
-    on_nonfinite: str = "stop"  # stop | skip (skip the batch and count it)
-    ema_decay: float = 0.0  # exponential moving average of the weights (official ALP code: 0.9999); 0 = off
-    ema_schedule: str = "constant"  # constant | tf: decay min(ema_decay, (1 + t) / (10 + t)) as the official code
-    export_weights: str = "ema"  # which weights model.safetensors holds when EMA is on: ema | raw
+    """Run."""
+
+    model: str = setting("lenet5", "model name (see `logitpair list`)", group=RUN)
+    method: str = setting(
+        "alp", "training method (see `logitpair list`); it decides the valid loss settings", group=RUN
+    )
+    seed: int = setting(0, "random seed", check=Check(lambda v: 0 <= v < 2**32, "0 <= seed < 2**32"), group=RUN)
+    static_models: str = setting("", "ens-adv: comma-separated run directories of frozen source models", group=RUN)
     # randomness of the losses: per-sample (keyed by seed, epoch and dataset index, so results do
     # not depend on the number of processes) | global (torch's global RNG, the pre-0.2 behaviour)
-    noise: str = "per-sample"
-    device: str = "cpu"  # cpu | cuda | cuda:N (under torchrun with cuda: cuda:LOCAL_RANK)
-    amp: str = "none"  # none | bf16: autocast for the training forward only (attacks stay float32)
-    amp_attacks: bool = False  # opt in: training attacks under the same autocast (faster, weaker gradients)
-    channels_last: bool = False  # NHWC memory format (GPU convolutions)
-    compile: bool = False  # torch.compile the training forward (attacks use the plain module)
-    sync_bn: bool = False  # SyncBatchNorm across processes under torchrun
-    static_models: str = ""  # comma-separated run directories of frozen source models (ens-adv)
-    overfit_guard: float | None = None  # stop when val_pgd drops by more than this many points (None: 20 for FGSM-RS)
-    log_every: int = 50  # steps between progress/metric host synchronisations
-    tensorboard: bool = False  # also write TensorBoard event logs (optional extra `tensorboard`)
+    noise: str = setting(
+        "per-sample",
+        "randomness of the losses: per-sample (independent of the number of processes) or global (torch's global RNG)",
+        check=one_of("per-sample", "global"),
+        group=RUN,
+    )
+    on_nonfinite: str = setting(
+        "stop", "on a NaN/inf loss: stop, or skip the batch (and count it)", check=one_of("stop", "skip"), group=RUN
+    )
+    val_points: int = setting(
+        1000, "validation points attacked with PGD each epoch (0 = none)", check=at_least(0), group=VALIDATION
+    )
+    val_attack_steps: int = setting(10, "steps of the validation PGD", check=at_least(1), group=VALIDATION)
+    val_suite: str = setting(
+        "",
+        "also the robust accuracy under this attack suite (e.g. fast) on the validation "
+        "points each epoch (val_robust); '' = PGD only",
+        group=VALIDATION,
+    )
+    select: str = setting(
+        "last",
+        "exported weights: last, best-robust or best-clean",
+        check=one_of("last", "best-robust", "best-clean"),
+        group=VALIDATION,
+    )
+    overfit_guard: float | None = setting(
+        None,
+        "stop when val PGD accuracy drops by more than this many points (None: 20 for FGSM-RS training, else off)",
+        check=Check(lambda v: v >= 0, ">= 0 (accuracy points)"),
+        group=VALIDATION,
+    )
+    checkpoint_every: int = setting(
+        0, "steps between mid-epoch checkpoints (0: end of epoch only)", check=at_least(0), group=EXPORT
+    )
+    ema_decay: float = setting(
+        0.0,
+        "exponential moving average of the weights (official ALP code: 0.9999); 0 = off",
+        check=between(0, 1, open_high=True, symbol="ema_decay"),
+        group=EXPORT,
+    )
+    ema_schedule: str = setting(
+        "constant",
+        "EMA decay: constant, or tf: min(ema_decay, (1 + t) / (10 + t)) as the official code",
+        check=one_of("constant", "tf"),
+        group=EXPORT,
+    )
+    export_weights: str = setting(
+        "ema",
+        "which weights model.safetensors holds when EMA is on: ema or raw",
+        check=one_of("ema", "raw"),
+        group=EXPORT,
+    )
+    device: str = setting(
+        "cpu", "cpu, cuda or cuda:N (under torchrun with cuda: cuda:LOCAL_RANK)", check=DEVICE, group=HARDWARE
+    )
+    amp: str = setting(
+        "none",
+        "none or bf16: autocast for the training forward only (attacks stay float32)",
+        check=one_of("none", "bf16"),
+        group=HARDWARE,
+    )
+    amp_attacks: bool = setting(
+        False, "also run the training attacks under amp (faster, weaker gradients)", group=HARDWARE
+    )
+    channels_last: bool = setting(False, "NHWC memory format (GPU convolutions)", group=HARDWARE)
+    compile: bool = setting(False, "torch.compile the training forward (attacks use the plain module)", group=HARDWARE)
+    sync_bn: bool = setting(False, "SyncBatchNorm across processes under torchrun", group=HARDWARE)
+    log_every: int = setting(
+        50, "steps between progress/metric host synchronisations", check=at_least(1), group=LOGGING
+    )
+    tensorboard: bool = setting(
+        False, "also write TensorBoard event logs (optional extra `tensorboard`)", group=LOGGING
+    )
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: MethodConfig = field(default_factory=MethodConfig)
+    loss: LossSettings  # the method's settings dataclass, METHODS.settings(method)
 
     def __post_init__(self) -> None:
-        from logitpair.methods import METHODS
         from logitpair.models import MODELS
 
-        METHODS.get(self.method)
+        expected = METHODS.settings(self.method)
         MODELS.get(self.model)
-        if not 0 <= self.seed < 2**32:  # train() derives generator seeds as seed * 100_003 + epoch
-            raise ConfigError(f"seed: expected 0 <= seed < 2**32, got {self.seed}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every: expected >= 0, got {self.checkpoint_every}")
-        if self.val_points < 0:
-            raise ConfigError(f"val_points: expected >= 0, got {self.val_points}")
-        if self.val_attack_steps < 1:
-            raise ConfigError(f"val_attack_steps: expected >= 1, got {self.val_attack_steps}")
-        if self.select not in ("last", "best-robust", "best-clean"):
-            raise ConfigError(f"select: expected last, best-robust or best-clean, got {self.select!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay: expected 0 <= ema_decay < 1, got {self.ema_decay}")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"on_nonfinite: expected stop or skip, got {self.on_nonfinite!r}")
-        for key, value, choices in (
-            ("ema_schedule", self.ema_schedule, ("constant", "tf")),
-            ("export_weights", self.export_weights, ("ema", "raw")),
-            ("noise", self.noise, ("per-sample", "global")),
-            ("amp", self.amp, ("none", "bf16")),
-        ):
-            if value not in choices:
-                raise ConfigError(f"{key}: expected {' or '.join(choices)}, got {value!r}")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ConfigError(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
-        if self.overfit_guard is not None and not self.overfit_guard >= 0:
-            raise ConfigError(f"overfit_guard: expected >= 0 (accuracy points), got {self.overfit_guard}")
-        if self.log_every < 1:
-            raise ConfigError(f"log_every: expected >= 1, got {self.log_every}")
+        check_fields(self)
+        if type(self.loss) is not expected:
+            raise ConfigError(f"loss: method {self.method!r} takes {expected.__name__}, got {type(self.loss).__name__}")
 
     def static_model_dirs(self) -> list[str]:
         return [p.strip() for p in self.static_models.split(",") if p.strip()]
@@ -163,7 +220,7 @@ class RunConfig:
         FGSM-RS training, as Wong et al. 2020."""
         if self.overfit_guard is not None:
             return self.overfit_guard
-        return 20.0 if self.method == "fgsm-rs" or self.loss.attack == "fgsm-rs" else 0.0
+        return 20.0 if self.loss.uses_fgsm_rs else 0.0
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -214,18 +271,101 @@ def _short(value: Any, fmt: Any = repr) -> str:
 
 
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, validating keys and types."""
+    """Build dataclass ``cls`` from a mapping, validating keys and types (old names accepted).
+    For :class:`RunConfig` the ``loss`` section is built as the method's settings, after
+    :func:`migrate`."""
+    if cls is RunConfig:
+        return _build_run(values)
+    return _build(cls, values, prefix)
+
+
+def _build(cls: type, values: Mapping[Any, Any], prefix: str = "", built: dict[str, Any] | None = None) -> Any:
+    values = canonical_keys(cls, values, prefix)
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - set(built or {})
     unknown = sorted((k for k in values if k not in names), key=repr)  # keys from YAML may be any type
     if unknown:
-        key = _short(unknown[0], str if isinstance(unknown[0], str) and unknown[0].isprintable() else repr)
-        raise ConfigError(f"unknown config key {prefix}{key}; valid keys: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown config key {prefix}{_key(unknown[0])}; valid keys: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
     try:
-        return cls(**kwargs)
+        return cls(**kwargs, **(built or {}))
     except TypeError as exc:  # pragma: no cover - defensive
         raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+
+
+def _key(key: Any) -> str:
+    return _short(key, str if isinstance(key, str) and key.isprintable() else repr)
+
+
+def _build_run(values: Mapping[Any, Any]) -> RunConfig:
+    values = migrate(values)
+    method = _coerce(values.get("method", _default(RunConfig, "method")), str, "method")
+    settings = METHODS.settings(method)
+    loss = values.get("loss", {})
+    if not isinstance(loss, dict):
+        raise ConfigError(f"loss: expected a section (mapping), got {type(loss).__name__}")
+    _check_loss_keys(method, settings, loss)
+    rest = {k: v for k, v in values.items() if k != "loss"}
+    return _build(RunConfig, rest, built={"loss": _build(settings, loss, "loss.")})
+
+
+def _check_loss_keys(method: str, settings: type, loss: Mapping[Any, Any]) -> None:
+    """ConfigError for a key of ``loss`` that ``method``'s settings do not take, naming the
+    methods that do take it, if any."""
+    accepted = accepted_keys(settings)
+    unknown = sorted((k for k in loss if k not in accepted), key=repr)
+    if not unknown:
+        return
+    others = [m for m in METHODS.names() if unknown[0] in accepted_keys(METHODS.settings(m))]
+    where = f" (a setting of {', '.join(others)})" if others else ""
+    valid = ", ".join(sorted(f.name for f in dataclasses.fields(settings)))
+    raise ConfigError(f"unknown config key loss.{_key(unknown[0])}{where}; valid keys for method {method!r}: {valid}")
+
+
+def _default(cls: type, name: str) -> Any:
+    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+
+
+# Version 1 (MethodConfig) wrote every method's settings into ``loss``; a loss section holding all
+# of its first fields is one it saved (the current settings classes each hold only some of them).
+V1_LOSS_KEYS = frozenset({"lam", "eps", "attack_steps", "attack_step_size", "attack_random_start", "noise_std",
+                          "distance", "pair_reduction", "ce_reduction", "label_smoothing"})  # fmt: skip
+# v1's ls read its delta from ``smoothing`` and ignored ``label_smoothing``; every other method
+# read ``label_smoothing`` and ignored ``smoothing`` (now an old name of ``label_smoothing``).
+V1_RENAMES: dict[str, dict[str, str]] = {"ls": {"smoothing": "label_smoothing"}}
+
+
+def migrate(values: Any, method: Any = None) -> Any:
+    """``values`` in the current shape. A version-1 config (recognised by its ``loss`` section,
+    see ``V1_LOSS_KEYS``) keeps in ``loss`` what its method read, under the current names; the
+    settings of other methods, which v1 ignored, are dropped. ``method``: the run's method if
+    not the one in ``values`` (a CLI override). Anything else is returned as it is."""
+    loss = values.get("loss") if isinstance(values, Mapping) else None
+    if method is None and isinstance(values, Mapping):
+        method = values.get("method", _default(RunConfig, "method"))
+    if not (isinstance(loss, dict) and V1_LOSS_KEYS <= loss.keys() and isinstance(method, str) and method in METHODS):
+        return values
+    return {**values, "loss": _v1_loss(loss, METHODS.settings(method), V1_RENAMES.get(method, {}))}
+
+
+def _v1_loss(loss: dict[str, Any], settings: type, renames: dict[str, str]) -> dict[str, Any]:
+    names, aliases = {f.name for f in dataclasses.fields(settings)}, alias_map(settings)
+    out = {}
+    for key, value in loss.items():
+        target = renames.get(key, aliases.get(key, key))
+        if target not in names:
+            continue  # another method's setting
+        if key not in renames and (target in renames.values() or (key != target and target in loss)):
+            continue  # a field v1 ignored for this method, or an old name beside its field
+        out[target] = value
+    return out
+
+
+def loss_for(method: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a ``loss`` mapping that ``method`` takes (for settings shared by several
+    runs, e.g. a preset's table-wide ``loss``, applied to the methods that have them)."""
+    accepted = accepted_keys(METHODS.settings(method))
+    return {k: v for k, v in values.items() if k in accepted}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -275,7 +415,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def make_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the file, then CLI overrides (a nested mapping), validated."""
+    """Defaults, then the file (migrated if version 1), then CLI overrides (a nested mapping), validated."""
+    overrides = overrides or {}
     values: dict[str, Any] = read_config_file(file) if file else {}
-    values = merge(values, overrides or {})
-    return build(RunConfig, values)
+    values = migrate(values, method=overrides.get("method"))
+    return build(RunConfig, merge(values, overrides))

@@ -136,10 +136,9 @@ def _subsample(splits, scale: float):
 
 def _cost(cfg: RunConfig) -> float:
     """Rough relative training cost, for scheduling the longest runs first."""
-    per_step = {"mpgd": cfg.loss.attack_steps + 1, "alp": cfg.loss.attack_steps + 1,
-                "trades": cfg.loss.attack_steps + 1, "vat": 3}.get(cfg.method, 2 if cfg.method in
-                ("kurakin", "ens-adv", "fgsm-rs") else 1)  # fmt: skip
-    return per_step * cfg.optim.epochs
+    if cfg.method in ("mpgd", "alp", "trades"):
+        return (cfg.loss.attack_steps + 1) * cfg.optim.epochs
+    return {"vat": 3, "kurakin": 2, "ens-adv": 2, "fgsm-rs": 2}.get(cfg.method, 1) * cfg.optim.epochs
 
 
 class _Pool:

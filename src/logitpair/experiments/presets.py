@@ -152,7 +152,8 @@ class Preset:
     (ImageNet tables: random-target attacks, top-1 / top-5) or ``transfer`` (a source x target
     matrix). ``dataset`` is the paper's; ``datasets`` lists others it accepts at full scale
     (substitutes are labelled in the report). ``training``: full-scale config overrides shared
-    by every row. ``settings``: (setting, source) pairs for the report and docs/PAPER_SETTINGS.md,
+    by every row (its ``loss`` settings apply to the rows whose method takes them; a row's own
+    ``settings``/``small`` ``loss`` keys must be settings of the row's method). ``settings``: (setting, source) pairs for the report and docs/PAPER_SETTINGS.md,
     the source one of ``paper, Table N (...)``, ``official code, `FILE` (...)``, a later paper
     (``Engstrom et al. 2018 ...``) or ``ours (reason)``. ``image_size``: side for folder datasets
     (0: the dataset's default); ``smoke_size``: side at ``--scale smoke``. ``full_points``: test
@@ -309,7 +310,7 @@ _SOURCE_SMALL = {"optim": {"epochs": 1}}  # the demo's black-box source trains o
 
 
 def _mpgd(paper: Mapping[str, float], source: str = "mpgd-source", **kw: Any) -> Row:
-    return Row("mpgd", "M-PGD", "mpgd", paper=paper, source=source, settings={"loss": {"lam": 0.0}}, **kw)
+    return Row("mpgd", "M-PGD", "mpgd", paper=paper, source=source, **kw)
 
 
 def _alp(paper: Mapping[str, float], source: str = "mpgd-source", lam: float = 0.5, **kw: Any) -> Row:
@@ -512,9 +513,9 @@ register(
         columns=WB_TOP,
         rows=(
             Row("mixup", "Mixup", "mixup", paper={"wb_top1": 0.1, "wb_top5": 1.5},
-                settings={"loss": {"mixup_alpha": 0.2}}, ours=("mixup α 0.2 (Zhang et al.'s ImageNet value)",)),
+                settings={"loss": {"alpha": 0.2}}, ours=("mixup α 0.2 (Zhang et al.'s ImageNet value)",)),
             Row("ls", "Label smoothing", "ls", paper={"wb_top1": 1.6, "wb_top5": 10.0},
-                settings={"loss": {"smoothing": 0.1}}),
+                settings={"loss": {"label_smoothing": 0.1}}),
             _alp({"wb_top1": 30.2, "wb_top5": 55.8}, source=""),
         ),
         attack=IMAGENET_ATTACK, training={**OFFICIAL_TRAINING, "data": {"image_size": 224}},

@@ -53,7 +53,7 @@ from logitpair.attacks import parse_official
 from logitpair.attacks.common import predict
 from logitpair.audit import AuditSettings, audit_run
 from logitpair.checkpoint import load_model, run_info
-from logitpair.config import RunConfig, make_config, merge, to_dict
+from logitpair.config import RunConfig, loss_for, make_config, merge, migrate, to_dict
 from logitpair.data import DATASETS, load_dataset
 from logitpair.environment import environment
 from logitpair.errors import ConfigError
@@ -76,7 +76,7 @@ SETTINGS_PAGE = "docs/PAPER_SETTINGS.md"  # every preset's settings with their s
 FOLDER_DATASETS = ("imagenet", "tiny-imagenet")
 
 # --scale small: the demo's settings (logitpair.experiments.demo): LeNet-5, eps 0.1, training PGD
-# 7 steps of 0.025 (MethodConfig defaults), Adam, cosine, batch 128, 2 epochs (sources: 1)
+# 7 steps of 0.025 (the methods' defaults), Adam, cosine, batch 128, 2 epochs (sources: 1)
 SMALL_EPS = 0.1
 SMALL_BASE: dict[str, Any] = {
     "model": "lenet5", "loss": {"eps": SMALL_EPS}, "val_points": 500, "val_suite": "fast", "optim": {"epochs": 2}
@@ -233,8 +233,11 @@ def _smoke_attack(name: str) -> str:
 def row_config(
     plan: Plan, row: Row, *, seed_index: int, data_dir: str | None, device: str, static_dirs: list[str]
 ) -> RunConfig:
-    """The training config of ``row`` at the plan's scale (see the module docstring)."""
+    """The training config of ``row`` at the plan's scale (see the module docstring). The
+    ``loss`` settings shared by the table (or the scale) go to the rows whose method takes them;
+    a row's own must all be settings of its method."""
     preset, folder = plan.preset, plan.dataset in FOLDER_DATASETS
+    own = row.small if plan.scale == "small" else row.settings
     if plan.scale == "small":
         values = merge(SMALL_BASE, dict(row.small))
         values["model"] = row.small_model or "lenet5"
@@ -260,6 +263,9 @@ def row_config(
     values.update(data=data, method=row.method, seed=row.seed + 100 * seed_index, device=device)
     if row.static:
         values["static_models"] = ",".join(static_dirs)
+    loss = values.get("loss") or {}
+    keep = loss_for(row.method, loss).keys() | set(own.get("loss") or {})
+    values["loss"] = {k: v for k, v in loss.items() if k in keep}
     return make_config(overrides=values)
 
 
@@ -308,7 +314,8 @@ def store_dir(store: Path, cfg: RunConfig) -> Path:
 def finished_run(run_dir: Path, cfg: RunConfig) -> bool:
     """True when ``run_dir`` holds an exported model trained with exactly ``cfg``."""
     try:
-        return (run_dir / "model.json").is_file() and json.loads((run_dir / "config.json").read_text()) == to_dict(cfg)
+        stored = migrate(json.loads((run_dir / "config.json").read_text()))
+        return (run_dir / "model.json").is_file() and stored == to_dict(cfg)
     except (OSError, ValueError):
         return False
 

@@ -95,7 +95,8 @@ def preset_markdown(preset: Preset) -> str:
         f"`{preset.protocol}`.\n\n"
     )
     text += _settings_table(preset) + "\n"
-    text += "Config shared by every row at full scale: " + _code(flatten(preset.training)) + "\n\n"
+    text += "Config shared by every row at full scale (`loss` settings: for the rows whose method takes them): "
+    text += _code(flatten(preset.training)) + "\n\n"
     text += _rows_table(preset) + "\n"
     text += "Scales (the evaluation settings and, under each scale, what it substitutes):\n\n" + _scale_lines(preset)
     return text

@@ -6,16 +6,29 @@ showed both mostly mask gradients: evaluate them with the strong suite and ``aud
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
-from logitpair.methods.base import METHODS, MethodConfig, accuracy, add_noise, cross_entropy
+from logitpair.methods.base import METHODS, REGULAR_STEP, accuracy, add_noise, cross_entropy
 from logitpair.methods.context import BatchContext
 from logitpair.methods.features import capture, captured, pair_term
+from logitpair.methods.settings import LambdaSettings, NoiseSettings, PairingSettings
 
 
-@METHODS.register("clp")
+@dataclass(frozen=True, kw_only=True)
+class CLPSettings(PairingSettings, NoiseSettings):
+    """Clean logit pairing: pairing of noisy clean examples."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LSQSettings(NoiseSettings, LambdaSettings):
+    """Logit squeezing: λ times the logits' norm, on noisy inputs."""
+
+
+@METHODS.register("clp", settings=CLPSettings, cost=REGULAR_STEP)
 def clp_loss(
-    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+    model: nn.Module, x: Tensor, y: Tensor, cfg: CLPSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``CE(f(x~)) + cfg.lam * D(f(x~_i), f(x~_{i+m/2}))`` with ``x~ = clip(x + N(0, noise_std^2))``.
 
@@ -37,9 +50,9 @@ def clp_loss(
     return loss, {"ce": ce.detach(), "pair": pair.detach(), **parts, "acc": accuracy(logits, y)}
 
 
-@METHODS.register("lsq")
+@METHODS.register("lsq", settings=LSQSettings, cost=REGULAR_STEP)
 def lsq_loss(
-    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+    model: nn.Module, x: Tensor, y: Tensor, cfg: LSQSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``CE(f(x~)) + cfg.lam * mean_i ||f(x~_i)||_2`` (unsquared L2 norm of each example's logits,
     averaged over the batch) with ``x~ = clip(x + N(0, noise_std^2))``. CE: mean over the batch."""

@@ -14,7 +14,7 @@
 Every attack runs on ``ctx.unwrap(model)`` in eval mode with frozen parameters (the attack
 functions enter :func:`~logitpair.modes.attack_context` themselves) and returns detached
 inputs in the eps-ball and in [0, 1]. To add an attack: one branch in :func:`craft` and its
-name in ``logitpair.methods.base.TRAINING_ATTACKS``.
+name in ``logitpair.methods.settings.TRAINING_ATTACKS``.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from torch import Tensor, nn
 from logitpair.attacks.common import input_grad
 from logitpair.attacks.official import official_attack, official_threat, parse_official
 from logitpair.attacks.pgd import pgd
-from logitpair.methods.base import MethodConfig, random_start
+from logitpair.methods.base import random_start
 from logitpair.methods.context import START, BatchContext
+from logitpair.methods.settings import FGSMRSSettings, TrainingAttackSettings
 from logitpair.modes import attack_context
 from logitpair.threat import Linf
 
 
-def craft(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext) -> Tensor:
+def craft(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainingAttackSettings, ctx: BatchContext) -> Tensor:
     """Adversarial examples for the batch ``(x, y)`` with the training attack ``cfg.attack``."""
     if cfg.attack == "pgd":
         return pgd(
@@ -54,10 +55,10 @@ def craft(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchC
         if ctx.keyed:
             init = threat.project(x, x + (2.0 * ctx.uniform(x, START) - 1.0) * threat.eps)
         return official_attack(ctx.unwrap(model), x, y, spec=spec, generator=ctx.generator, init=init)
-    raise ValueError(f"unknown training attack {cfg.attack!r}")  # MethodConfig validates the name
+    raise ValueError(f"unknown training attack {cfg.attack!r}")  # TrainingAttackSettings validates the name
 
 
-def craft_fgsm_rs(model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext) -> Tensor:
+def craft_fgsm_rs(model: nn.Module, x: Tensor, y: Tensor, cfg: FGSMRSSettings, ctx: BatchContext) -> Tensor:
     """:func:`fgsm_rs` with step ``cfg.fgsm_rs_alpha_ratio * cfg.eps`` in ``Linf(cfg.eps)``, from
     :func:`fgsm_rs_start` (from ``x`` itself when ``cfg.attack_random_start`` is off)."""
     init = fgsm_rs_start(x, cfg.threat, ctx) if cfg.attack_random_start else x

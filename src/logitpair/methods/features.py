@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-from logitpair.methods.base import MethodConfig
+from logitpair.methods.settings import PairingSettings
 from logitpair.pairing import pair_distance
 
 
@@ -30,7 +30,7 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
 
 
 @contextmanager
-def capture(model: nn.Module, cfg: MethodConfig) -> Iterator[list[Tensor]]:
+def capture(model: nn.Module, cfg: PairingSettings) -> Iterator[list[Tensor]]:
     """Record the output of ``cfg.pair_layer`` for the forwards inside the block (nothing when
     ``cfg.pair_target == "logits"``). ``model``: the unwrapped module (``ctx.unwrap(model)``)."""
     outputs: list[Tensor] = []
@@ -51,7 +51,7 @@ def capture(model: nn.Module, cfg: MethodConfig) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
-def captured(outputs: list[Tensor], cfg: MethodConfig) -> Tensor | None:
+def captured(outputs: list[Tensor], cfg: PairingSettings) -> Tensor | None:
     """The one captured output, flattened to (N, D); None when nothing was to be captured."""
     if cfg.pair_target == "logits":
         return None
@@ -61,7 +61,7 @@ def captured(outputs: list[Tensor], cfg: MethodConfig) -> Tensor | None:
 
 
 def pair_term(
-    logits_a: Tensor, logits_b: Tensor, feats_a: Tensor | None, feats_b: Tensor | None, cfg: MethodConfig
+    logits_a: Tensor, logits_b: Tensor, feats_a: Tensor | None, feats_b: Tensor | None, cfg: PairingSettings
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The pairing term ``D(a, b)`` of ``cfg.pair_target`` and its parts as detached metrics."""
     if cfg.pair_target == "logits":

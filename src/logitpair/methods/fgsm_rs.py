@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from logitpair.methods.base import METHODS, MethodConfig, accuracy, cross_entropy
+from logitpair.methods.base import METHODS, StepCost, accuracy, cross_entropy
 from logitpair.methods.context import BatchContext
 from logitpair.methods.crafting import craft_fgsm_rs
+from logitpair.methods.settings import FGSMRSSettings
 
 
-@METHODS.register("fgsm-rs")
+@METHODS.register("fgsm-rs", settings=FGSMRSSettings, cost=StepCost("1 gradient step + step on B", 1, 1.0, 1))
 def fgsm_rs_loss(
-    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+    model: nn.Module, x: Tensor, y: Tensor, cfg: FGSMRSSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``CE(f(x_adv), y)`` with ``x_adv`` = FGSM-RS of step ``cfg.fgsm_rs_alpha_ratio * cfg.eps`` in
     ``Linf(cfg.eps)`` (crafted in eval mode, see :func:`logitpair.methods.crafting.fgsm_rs`), reduced

@@ -26,18 +26,44 @@ applies to every CE term.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from logitpair.attacks.common import input_grad
-from logitpair.methods.base import METHODS, MethodConfig
+from logitpair.methods.base import METHODS, StepCost
 from logitpair.methods.context import START, BatchContext
+from logitpair.methods.settings import LossSettings
 from logitpair.modes import attack_context
+from logitpair.settings import at_least, one_of, setting
 from logitpair.threat import Linf
 
 SIGMA_RATIO = 0.5  # Kurakin et al.: sigma = 8/255 for eps in [0, 16/255]
+ENS_ATTACKS = ("step-ll", "fgsm")
+COST = StepCost("1 gradient step on B/2 + step on B", 1, 0.5, 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KurakinSettings(LossSettings):
+    """Single-step batch mix (Kurakin et al. 2017)."""
+
+    adv_weight: float = setting(
+        0.3, "weight λ of each adversarial example's CE (Kurakin et al.: 0.3)", check=at_least(0)
+    )
+    random_eps: bool = setting(
+        True, "per-example ε ~ normal on [0, eps] truncated, σ = eps/2 (Kurakin et al.); off: eps for every example"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnsAdvSettings(KurakinSettings):
+    """Ensemble adversarial training (Tramèr et al. 2018)."""
+
+    ens_attack: str = setting(
+        "step-ll", "single-step attack crafted on the rotating source: step-ll or fgsm", check=one_of(*ENS_ATTACKS)
+    )
 
 
 def truncated_normal_eps(u: Tensor, eps: float, sigma_ratio: float = SIGMA_RATIO) -> Tensor:
@@ -54,7 +80,7 @@ def truncated_normal_eps(u: Tensor, eps: float, sigma_ratio: float = SIGMA_RATIO
     return (sigma * math.sqrt(2.0) * torch.erfinv(u * scale)).clamp(0.0, eps)
 
 
-def example_eps(x: Tensor, cfg: MethodConfig, ctx: BatchContext) -> Tensor:
+def example_eps(x: Tensor, cfg: KurakinSettings, ctx: BatchContext) -> Tensor:
     """One ``eps_i`` per example of the batch, shape (N,) (``ctx.uniform``, stream START)."""
     if not cfg.random_eps:
         return torch.full((len(x),), cfg.eps, device=x.device, dtype=x.dtype)
@@ -84,7 +110,7 @@ def source_model(model: nn.Module, ctx: BatchContext) -> tuple[int, nn.Module]:
 
 
 def _mixed_batch_loss(
-    model: nn.Module, source: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext, attack: str
+    model: nn.Module, source: nn.Module, x: Tensor, y: Tensor, cfg: KurakinSettings, ctx: BatchContext, attack: str
 ) -> tuple[Tensor, dict[str, Tensor]]:
     m, k = len(x), len(x) // 2
     eps = example_eps(x, cfg, ctx)[:k]
@@ -101,9 +127,9 @@ def _mixed_batch_loss(
     return loss, metrics
 
 
-@METHODS.register("kurakin")
+@METHODS.register("kurakin", settings=KurakinSettings, cost=COST)
 def kurakin_loss(
-    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+    model: nn.Module, x: Tensor, y: Tensor, cfg: KurakinSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Kurakin et al. 2017 (https://arxiv.org/abs/1611.01236): first half of the batch step-l.l.
     examples (per-example random ``eps_i`` in ``[0, cfg.eps]``), loss
@@ -111,9 +137,9 @@ def kurakin_loss(
     return _mixed_batch_loss(model, ctx.unwrap(model), x, y, cfg, ctx, "step-ll")
 
 
-@METHODS.register("ens-adv")
+@METHODS.register("ens-adv", settings=EnsAdvSettings, cost=COST)
 def ens_adv_loss(
-    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+    model: nn.Module, x: Tensor, y: Tensor, cfg: EnsAdvSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Ensemble adversarial training (Tramèr et al. 2018, https://arxiv.org/abs/1705.07204): Kurakin's
     batch mix and loss, the adversarial half crafted with ``cfg.ens_attack`` on the source

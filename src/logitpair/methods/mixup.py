@@ -16,14 +16,29 @@ Everything stays on the device (no host synchronisation); computed in float64, i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from logitpair.methods.base import METHODS, MethodConfig, cross_entropy
+from logitpair.methods.base import METHODS, REGULAR_STEP, cross_entropy
 from logitpair.methods.context import MIX, PERM, BatchContext
+from logitpair.methods.settings import LossSettings
+from logitpair.settings import above, setting
 
 CANDIDATES = 16  # unrolled rejection-sampling candidates per Gamma variate
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixupSettings(LossSettings):
+    """mixup (Zhang et al. 2018)."""
+
+    alpha: float = setting(
+        1.0,
+        "mixing weights λ ~ Beta(α, α) (Zhang et al.: 1.0 CIFAR-10, 0.2 ImageNet)",
+        check=above(0),
+        aliases=("mixup_alpha",),
+    )
 
 
 def log_gamma_variates(alpha: float, normals: Tensor, uniforms: Tensor) -> Tensor:
@@ -71,17 +86,17 @@ def mix_permutation(x: Tensor, ctx: BatchContext) -> Tensor:
     return torch.argsort(u, stable=True)
 
 
-@METHODS.register("mixup")
+@METHODS.register("mixup", settings=MixupSettings, cost=REGULAR_STEP)
 def mixup_loss(
-    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+    model: nn.Module, x: Tensor, y: Tensor, cfg: MixupSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``lambda CE(f(x~), y) + (1 - lambda) CE(f(x~), y[perm])`` with ``x~ = lambda x + (1 - lambda)
-    x[perm]`` and ``lambda ~ Beta(cfg.mixup_alpha, cfg.mixup_alpha)`` (default alpha 1.0, the
+    x[perm]`` and ``lambda ~ Beta(cfg.alpha, cfg.alpha)`` (default alpha 1.0, the
     reference's CIFAR-10 value; 0.2 for ImageNet; Zhang et al. 2018, https://arxiv.org/abs/1710.09412).
     Equals the CE of the mixed one-hot targets.
     CE: ``cfg.ce_reduction`` and ``cfg.label_smoothing`` apply to both terms. Images stay in
     [0, 1] (a convex combination). ``acc``: lambda-weighted accuracy, as the reference reports."""
-    lam = mix_lambda(x, cfg.mixup_alpha, ctx).to(x.dtype)
+    lam = mix_lambda(x, cfg.alpha, ctx).to(x.dtype)
     perm = mix_permutation(x, ctx)
     y_b = y[perm]
     logits = model(lam * x + (1.0 - lam) * x[perm])

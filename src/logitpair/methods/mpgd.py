@@ -6,7 +6,7 @@ eval mode; clean and adversarial inputs are forwarded as one concatenated batch 
 trainer's mode (train mode, so BatchNorm sees the joint batch); the cross-entropy is
 averaged over the joint batch (= 1/2 clean + 1/2 adversarial).
 
-Options (``MethodConfig``):
+Settings (:class:`MPGDSettings`, :class:`ALPSettings`):
 
 - ``adv_fraction`` f: the CE is ``(1 - f) CE(clean) + f CE(adv)`` (each a mean over its half;
   with ``ce_reduction="sum"`` twice the weighted sums, so that f = 0.5 is the sum over the
@@ -21,17 +21,39 @@ Options (``MethodConfig``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from logitpair.methods.base import METHODS, MethodConfig, accuracy, cross_entropy
+from logitpair.methods.base import METHODS, accuracy, cross_entropy, joint_step_cost
 from logitpair.methods.context import BatchContext
 from logitpair.methods.crafting import craft
 from logitpair.methods.features import capture, captured, pair_term
+from logitpair.methods.settings import TRAINING_PGD_STEPS, PairingSettings, TrainingAttackSettings
+from logitpair.settings import between, setting
+
+COST = joint_step_cost(f"PGD-{TRAINING_PGD_STEPS}", TRAINING_PGD_STEPS)
 
 
-def mixed_ce(clean: Tensor | None, adv: Tensor, y: Tensor, cfg: MethodConfig) -> Tensor:
+@dataclass(frozen=True, kw_only=True)
+class MPGDSettings(TrainingAttackSettings):
+    """Mixed minibatch: the adversarial examples' share of the cross-entropy."""
+
+    adv_fraction: float = setting(
+        0.5,
+        "weight f of the adversarial CE: (1 - f) CE(clean) + f CE(adv); 0.5 = joint-batch mean, 1 = Madry et al.",
+        check=between(0, 1, open_low=True),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ALPSettings(PairingSettings, MPGDSettings):
+    """Adversarial Logit Pairing: M-PGD plus λ times the pairing distance of clean and adversarial logits."""
+
+
+def mixed_ce(clean: Tensor | None, adv: Tensor, y: Tensor, cfg: MPGDSettings) -> Tensor:
     """``(1 - f) CE(clean) + f CE(adv)`` with ``f = cfg.adv_fraction`` (``clean`` may be None when f = 1).
 
     f = 0.5 is computed as the CE of the concatenated joint batch, bit for bit the M-PGD loss of
@@ -51,9 +73,9 @@ def mixed_ce(clean: Tensor | None, adv: Tensor, y: Tensor, cfg: MethodConfig) ->
     return (1.0 - f) * part(clean) + f * part(adv)
 
 
-@METHODS.register("mpgd")
+@METHODS.register("mpgd", settings=MPGDSettings, cost=COST)
 def mpgd_loss(
-    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+    model: nn.Module, x: Tensor, y: Tensor, cfg: MPGDSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``1/2 CE(clean) + 1/2 CE(PGD)``: CE over the joint batch, reduced by ``cfg.ce_reduction``
     (default mean). PGD: ``cfg.attack_steps`` steps of ``cfg.attack_step_size`` in ``Linf(cfg.eps)``.
@@ -70,9 +92,9 @@ def mpgd_loss(
     return loss, {"ce": loss.detach(), "acc": accuracy(clean, y), "acc_adv": accuracy(adv, y)}
 
 
-@METHODS.register("alp")
+@METHODS.register("alp", settings=ALPSettings, cost=COST)
 def alp_loss(
-    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+    model: nn.Module, x: Tensor, y: Tensor, cfg: ALPSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """M-PGD loss ``+ cfg.lam * D(f(x), f(x_adv))``.
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from logitpair.methods.base import METHODS, MethodConfig, accuracy, cross_entropy
+from logitpair.methods.base import METHODS, REGULAR_STEP, accuracy, cross_entropy
 from logitpair.methods.context import BatchContext
+from logitpair.methods.settings import LossSettings
 
 
-@METHODS.register("regular")
+@METHODS.register("regular", settings=LossSettings, cost=REGULAR_STEP)
 def regular_loss(
-    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+    model: nn.Module, x: Tensor, y: Tensor, cfg: LossSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``CE(f(x), y)``, reduced by ``cfg.ce_reduction`` (default: mean over the batch)."""
     logits = model(x)

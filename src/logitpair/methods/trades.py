@@ -20,19 +20,30 @@ never calls ``model.train()`` or the optimizer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from logitpair.attacks.common import loss_grad
-from logitpair.methods.base import METHODS, MethodConfig, accuracy, cross_entropy
+from logitpair.methods.base import METHODS, accuracy, cross_entropy, joint_step_cost
 from logitpair.methods.context import NOISE, BatchContext
+from logitpair.methods.settings import TRAINING_PGD_STEPS, StepSettings
 from logitpair.modes import attack_context
 from logitpair.pairing import pair_distance
+from logitpair.settings import at_least, setting
 
 START_STD = 0.001  # the reference's start: x + 0.001 * N(0, I)
 
 
-def trades_adversary(model: nn.Module, x: Tensor, cfg: MethodConfig, ctx: BatchContext) -> Tensor:
+@dataclass(frozen=True, kw_only=True)
+class TRADESSettings(StepSettings):
+    """TRADES (Zhang et al. 2019)."""
+
+    beta: float = setting(6.0, "weight β of the KL term (Zhang et al.: 6 CIFAR-10, 1 MNIST)", check=at_least(0))
+
+
+def trades_adversary(model: nn.Module, x: Tensor, cfg: StepSettings, ctx: BatchContext) -> Tensor:
     """PGD on ``KL(p(x) || p(x~))`` (label-free), L-infinity ``cfg.eps``, inputs in [0, 1], (N, C, H, W).
 
     ``model``: the module to attack (``ctx.unwrap(model)``), run in eval mode with frozen
@@ -50,9 +61,11 @@ def trades_adversary(model: nn.Module, x: Tensor, cfg: MethodConfig, ctx: BatchC
     return x_adv.detach()
 
 
-@METHODS.register("trades")
+@METHODS.register(
+    "trades", settings=TRADESSettings, cost=joint_step_cost(f"PGD-{TRAINING_PGD_STEPS}", TRAINING_PGD_STEPS)
+)
 def trades_loss(
-    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+    model: nn.Module, x: Tensor, y: Tensor, cfg: TRADESSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``CE(f(x), y) + cfg.beta * KL(p(x) || p(x~))``; CE reduced by ``cfg.ce_reduction`` (default
     mean, as the reference), KL batch-mean of the per-example sum over classes (Zhang et al. 2019,

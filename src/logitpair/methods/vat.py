@@ -10,7 +10,7 @@ Loss ``CE(f(x), y) + alpha KL(p(x) || p(x + r_adv))`` with ``p = softmax f``, ``
 ``r_adv = eps_vat d``. ``g`` is backpropagated from ``q - p`` (:func:`kl_logit_gradient`, the KL's
 gradient in the logits of ``x + r``) computed without cancellation.
 
-Settings (``MethodConfig``): ``vat_alpha`` 1 (the paper's alpha), ``vat_iters`` 1 (one power
+Settings (:class:`VATSettings`): ``vat_alpha`` 1 (the paper's alpha), ``vat_iters`` 1 (one power
 iteration suffices, the paper's default), ``vat_xi`` 1e-3 (ours, measured for float32, see
 *Precision* below; Miyato et al.'s code uses 1e-6, still available as ``vat_xi=1e-6`` or
 ``--vat-xi 1e-6``; ``lyakaap/VAT-pytorch`` uses 10 on unit-norm ``d``), ``vat_eps`` 2.0: the VAT papers' MNIST
@@ -44,14 +44,34 @@ Choices of this implementation:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from logitpair.methods.base import METHODS, MethodConfig, accuracy, cross_entropy
+from logitpair.methods.base import METHODS, accuracy, cross_entropy, joint_step_cost
 from logitpair.methods.context import NOISE, BatchContext
+from logitpair.methods.settings import LossSettings
 from logitpair.modes import attack_context
 from logitpair.pairing import pair_distance
+from logitpair.settings import above, at_least, setting
+
+
+@dataclass(frozen=True, kw_only=True)
+class VATSettings(LossSettings):
+    """Virtual adversarial training (Miyato et al. 2018): VAT's own ε, ξ, power iterations and α."""
+
+    vat_eps: float = setting(
+        2.0, "L2 radius ε of the virtual adversarial perturbation ([0, 1] pixels, MNIST-like)", check=at_least(0)
+    )
+    vat_xi: float = setting(
+        1e-3,
+        "finite-difference radius ξ of the power iteration (ours, for float32; Miyato et al.'s code: 1e-6)",
+        check=above(0),
+    )
+    vat_iters: int = setting(1, "power iterations", check=at_least(1))
+    vat_alpha: float = setting(1.0, "weight α of the KL term (Miyato et al.: 1)", check=at_least(0))
 
 
 def l2_unit(v: Tensor) -> Tensor:
@@ -81,7 +101,7 @@ def kl_logit_gradient(target: Tensor, logits: Tensor) -> Tensor:
     return torch.where(finite, diff, F.softmax(logits, dim=1) - p)
 
 
-def vat_perturbation(model: nn.Module, x: Tensor, cfg: MethodConfig, ctx: BatchContext) -> Tensor:
+def vat_perturbation(model: nn.Module, x: Tensor, cfg: VATSettings, ctx: BatchContext) -> Tensor:
     """``r_adv`` (not clipped): per-example L2 norm ``cfg.vat_eps``, shape of ``x``, detached.
 
     ``model``: the module to run (``ctx.unwrap(model)``), used in eval mode with frozen
@@ -101,9 +121,9 @@ def vat_perturbation(model: nn.Module, x: Tensor, cfg: MethodConfig, ctx: BatchC
     return (cfg.vat_eps * d).detach()
 
 
-@METHODS.register("vat")
+@METHODS.register("vat", settings=VATSettings, cost=joint_step_cost("1 gradient step", 1))
 def vat_loss(
-    model: nn.Module, x: Tensor, y: Tensor, cfg: MethodConfig, ctx: BatchContext
+    model: nn.Module, x: Tensor, y: Tensor, cfg: VATSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``CE(f(x), y) + cfg.vat_alpha * KL(p(x) || p(clip(x + r_adv)))``, ``p(x)`` detached; CE
     reduced by ``cfg.ce_reduction``, KL summed over classes and averaged over the batch (Miyato et al.

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from logitpair.checkpoint import prune, remove_stale
-from logitpair.config import RunConfig, to_dict
+from logitpair.config import RunConfig, migrate, to_dict
 from logitpair.environment import environment
 from logitpair.errors import CheckpointError, ConfigError
 from logitpair.io import write_json
@@ -46,7 +46,7 @@ def prepare_run_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool
     if resume:
         if cfg_path.is_file():
             try:
-                stored = json.loads(cfg_path.read_text())
+                stored = migrate(json.loads(cfg_path.read_text()))  # a version-1 config.json in the current shape
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"`resume`: cannot read {cfg_path} ({exc})") from None
             new = to_dict(cfg)
@@ -73,8 +73,10 @@ def prepare_run_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    """The first differing key in the config's own field order (``b``'s), e.g. ``method`` before
+    the ``loss`` settings it decides."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
+        for k in [*b, *(k for k in a if k not in b)]:
             if a.get(k) != b.get(k):
                 return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
     return f"{prefix.rstrip('.')}: stored {a!r}, now {b!r}"
