@@ -36,21 +36,18 @@ class BatchContext:
         indices: dataset indices of the batch's samples, int64 ``(N,)``, or None.
         generator: seeded ``torch.Generator`` for draws that are not keyed; None = global RNG.
         noise_key: when set (and ``indices`` given), draws are keyed per sample, see above.
-        epoch, step: zero-based epoch and global optimisation step.
+        step: zero-based global optimisation step.
         static_models: pre-trained models in eval mode, never updated (ensemble adversarial
             training crafts on them); loaded by the training layer.
         module: the model without its DistributedDataParallel wrapper; None = the model itself.
-        world_size: number of data-parallel processes (1 = single process).
     """
 
     indices: Tensor | None = None
     generator: torch.Generator | None = None
     noise_key: int | None = None
-    epoch: int = 0
     step: int = 0
     static_models: tuple[nn.Module, ...] = ()
     module: nn.Module | None = None
-    world_size: int = 1
 
     @property
     def keyed(self) -> bool:
@@ -82,6 +79,3 @@ class BatchContext:
             u = self.uniform(torch.empty(n, 1, device=device), stream)[:, 0]
             return (u * high).long().clamp_(max=high - 1)
         return torch.randint(0, high, (n,), generator=self.generator, device=device)
-
-
-DEFAULT_CONTEXT = BatchContext()

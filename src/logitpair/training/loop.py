@@ -381,11 +381,9 @@ def _train(
                     ctx = BatchContext(
                         indices=idx.to(device),
                         noise_key=noise_key,
-                        epoch=epoch,
                         step=state["step"],
                         static_models=static_models,
                         module=raw,
-                        world_size=world.world_size,
                     )
                     no_sync = world.active and a < accum - 1
                     with train_model.no_sync() if no_sync else nullcontext():  # type: ignore[operator]
