@@ -7,7 +7,7 @@
   (``METHODS.settings(name)``; shared concerns in :mod:`logitpair.methods.settings`).
 - ``ctx``: :class:`BatchContext` (``logitpair.methods.context``), built by the trainer per
   step: the batch's dataset ``indices``, the randomness (``ctx.uniform``/``normal``/
-  ``integers``, keyed per sample under data-parallel training), ``epoch`` and ``step``,
+  ``integers``, keyed per sample under data-parallel training) and ``step``,
   ``static_models`` (pre-trained, frozen; for ensemble adversarial training) and ``module``
   (the unwrapped model). Call a loss outside training with ``BatchContext()``: global RNG.
 - returns a scalar loss to minimise and a dict of detached scalar tensors (no host sync).
