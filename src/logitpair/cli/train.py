@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
 from logitpair.cli.common import logger, quiet
@@ -20,6 +19,7 @@ OWN_OPTIONS = ("-h", "--help", "--config", "--out", "--resume", "--overwrite", "
 
 def run(args: argparse.Namespace) -> int:
     from logitpair.training import train
+    from logitpair.training.distributed import env_world
 
     cfg = make_config(args.config, config_overrides(args))
     result = train(
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         progress=make_progress(quiet(args)),
         log=logger(args),
     )
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not env_world().is_main:
         return 0
     last = result.history[-1] if result.history else {}
     print(json.dumps({"run_dir": str(result.run_dir), "train_seconds": round(result.train_seconds, 2), **last}))
