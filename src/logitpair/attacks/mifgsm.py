@@ -21,41 +21,14 @@ from torch import Tensor, nn
 
 from logitpair.attacks.common import input_grad, prepare_target
 from logitpair.errors import ConfigError
+from logitpair.models.ensemble import EnsembleLogits
 from logitpair.modes import attack_context
 from logitpair.threat import Linf
 
 
-class EnsembleLogits(nn.Module):
-    """A model whose logits are the (weighted) mean of several models' logits.
-
-    ``weights`` default to equal; they are normalised to sum to 1. Any attack can take it
-    as its model; attack contexts reach every member (eval mode, frozen parameters).
-    """
-
-    def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> None:
-        super().__init__()
-        if len(models) == 0:
-            raise ConfigError("EnsembleLogits needs at least one model")
-        if weights is None:
-            weights = [1.0] * len(models)
-        weights = [float(w) for w in weights]
-        if len(weights) != len(models):
-            raise ConfigError(f"EnsembleLogits: {len(models)} models but {len(weights)} weights")
-        if not all(w > 0 and w < float("inf") for w in weights):
-            raise ConfigError(f"EnsembleLogits: weights must be positive and finite, got {weights}")
-        total = sum(weights)
-        self.members = nn.ModuleList(models)
-        self.weights = tuple(w / total for w in weights)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.weights[0] * self.members[0](x)
-        for w, m in zip(self.weights[1:], self.members[1:], strict=True):
-            out = out + w * m(x)
-        return out
-
-
 def as_model(model: nn.Module | Sequence[nn.Module]) -> nn.Module:
-    """A module as it is; a sequence of modules (or an ``nn.ModuleList``) as :class:`EnsembleLogits`."""
+    """A module as it is; a sequence of modules (or an ``nn.ModuleList``) as
+    :class:`~logitpair.models.ensemble.EnsembleLogits`."""
     if isinstance(model, nn.Module) and not isinstance(model, nn.ModuleList):
         return model
     return EnsembleLogits(list(model))
