@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from logitpair.attacks.common import input_grad, prepare_target
 from logitpair.modes import attack_context
-from logitpair.threat import Linf
+from logitpair.threat import Threat
 
 
 def fgsm(
@@ -15,7 +15,7 @@ def fgsm(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     targeted: bool = False,
     target: Tensor | None = None,
     generator: torch.Generator | None = None,

@@ -23,7 +23,7 @@ from logitpair.attacks.common import input_grad, prepare_target
 from logitpair.errors import ConfigError
 from logitpair.models.ensemble import EnsembleLogits
 from logitpair.modes import attack_context
-from logitpair.threat import Linf
+from logitpair.threat import Threat
 
 
 def as_model(model: nn.Module | Sequence[nn.Module]) -> nn.Module:
@@ -39,7 +39,7 @@ def mi_fgsm(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     steps: int = 10,
     decay: float = 1.0,
     step_size: float | None = None,

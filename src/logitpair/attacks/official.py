@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from logitpair.attacks.common import input_grad
 from logitpair.errors import ConfigError
 from logitpair.modes import attack_context
-from logitpair.threat import Linf
+from logitpair.threat import Linf, Threat, require_linf
 
 OfficialKind = Literal["pgd", "pgdll", "pgdrnd"]
 KINDS: tuple[str, ...] = ("pgd", "pgdll", "pgdrnd")
@@ -150,7 +150,7 @@ def official(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     spec: str,
     generator: torch.Generator | None = None,
     targeted: bool = False,
@@ -168,6 +168,7 @@ def official(
 
         x_adv = official(model, x, y, threat=Linf(16 / 255), spec="pgdrnd_16_2_10", targeted=True, target=t)
     """
+    require_linf(threat, "the official notation (pgd|pgdll|pgdrnd_EPS_STEP_NITER)")
     parsed = parse_official(spec)
     if parsed is None:
         raise ConfigError(f"attack official: spec {spec!r} is not in the notation {_FORM}, e.g. pgdll_16_2_10")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from logitpair.attacks.common import attack_loss, check_k, input_grad, is_success, prepare_target
 from logitpair.errors import ConfigError
 from logitpair.modes import attack_context
-from logitpair.threat import Linf
+from logitpair.threat import Threat
 
 
 def pgd(
@@ -19,7 +19,7 @@ def pgd(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     steps: int,
     step_size: float | None = None,
     random_start: bool = True,
