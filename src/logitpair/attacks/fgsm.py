@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from logitpair.attacks.common import input_grad, prepare_target
+from logitpair.attacks.common import attack_objective, prepare_target
+from logitpair.attacks.iterative import perturb_iterative
 from logitpair.modes import attack_context
 from logitpair.threat import Threat
 
@@ -22,11 +23,12 @@ def fgsm(
 ) -> Tensor:
     """One signed-gradient step of size eps from ``x``: ``clip(x + eps * sign(grad))``.
 
-    L-infinity, inputs in the threat's bounds, shape (N, C, H, W). Targeted mode descends
+    L-infinity (another threat: one steepest-ascent step of size eps in its norm, ``threat.step``),
+    inputs in the threat's bounds, shape (N, C, H, W). Targeted mode descends
     the cross-entropy of ``target`` (random other class when None).
     """
     x = x.detach()
     with attack_context(model):
         target = prepare_target(model, x, y, targeted, target, generator)
-        _, _, grad = input_grad(model, x, y, target)
-        return threat.step(x, x, grad, threat.eps).detach()
+        loss_fn = attack_objective(y, target)
+        return perturb_iterative(model, x, x, threat=threat, steps=1, step_size=threat.eps, loss_fn=loss_fn).detach()

@@ -1,5 +1,8 @@
 """Momentum iterative FGSM (Dong et al. 2018, https://arxiv.org/abs/1710.06081), L-infinity.
 
+(Another threat model takes the same momentum ``g`` through its own steepest-ascent
+``threat.step``; the loop is :func:`~logitpair.attacks.iterative.perturb_iterative`.)
+
 Iterative FGSM with a momentum on the L1-normalised gradient, which makes the adversarial
 examples transfer better; attacking an ensemble of source models (their logits averaged,
 the paper's "ensemble in logits") transfers better still::
@@ -19,7 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from logitpair.attacks.common import input_grad, prepare_target
+from logitpair.attacks.common import attack_objective, prepare_target
+from logitpair.attacks.iterative import perturb_iterative, start_point
 from logitpair.errors import ConfigError
 from logitpair.models.ensemble import EnsembleLogits
 from logitpair.modes import attack_context
@@ -65,14 +69,26 @@ def mi_fgsm(
     alpha = threat.eps / steps if step_size is None else float(step_size)
     model = as_model(model)
     x = x.detach()
-    view = (-1,) + (1,) * (x.dim() - 1)
     with attack_context(model):
         target = prepare_target(model, x, y, targeted, target, generator)
-        x_adv = x.clone()
-        g = torch.zeros_like(x)
-        for _ in range(steps):
-            _, _, grad = input_grad(model, x_adv, y, target)
-            l1 = grad.abs().flatten(1).sum(1).clamp_min(torch.finfo(grad.dtype).tiny)
-            g = decay * g + grad / l1.view(view)
-            x_adv = threat.step(x, x_adv, g, alpha)
+        loss_fn, direction = attack_objective(y, target), L1Momentum(decay)
+        start = start_point(x, threat, random_start=False)  # the clean input
+        x_adv = perturb_iterative(
+            model, x, start, threat=threat, steps=steps, step_size=alpha, loss_fn=loss_fn, direction=direction
+        )
     return x_adv.detach()
+
+
+class L1Momentum:
+    """MI-FGSM's ascent direction: ``g <- decay * g + grad / ||grad||_1`` (per example, from
+    ``g = 0``); each call takes the step's gradient and returns the new ``g``."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.g: Tensor | None = None
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        l1 = grad.abs().flatten(1).sum(1).clamp_min(torch.finfo(grad.dtype).tiny)
+        g = torch.zeros_like(grad) if self.g is None else self.g
+        self.g = self.decay * g + grad / l1.view((-1,) + (1,) * (grad.dim() - 1))
+        return self.g
