@@ -1,7 +1,7 @@
 """The iterative core shared by the gradient attacks (after advertorch's ``perturb_iterative``).
 
 PGD, the official ``pgd|pgdll|pgdrnd_EPS_STEP_NITER`` attacks, MI-FGSM, FGSM and the training
-attack FGSM-RS are one loop with different settings:
+attacks FGSM-RS and TRADES' KL adversary are one loop with different settings:
 
 1. a start: :func:`start_point` (a given point projected into the ball, a random point of the
    ball, or the clean input);
