@@ -91,7 +91,7 @@ class TransferResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "n": self.n,
-            "threat": {"norm": "Linf", "eps": self.threat.eps, "bounds": list(self.threat.bounds)},
+            "threat": self.threat.to_dict(),
             "seed": self.seed,
             "batch_size": self.batch_size,
             "attack": self.attack.to_dict(),
