@@ -1,14 +1,14 @@
 """Momentum iterative FGSM (Dong et al. 2018, https://arxiv.org/abs/1710.06081), L-infinity.
 
-(Another threat model takes the same momentum ``g`` through its own steepest-ascent
-``threat.step``; the loop is :func:`~logitpair.attacks.iterative.perturb_iterative`.)
-
 Iterative FGSM with a momentum on the L1-normalised gradient, which makes the adversarial
 examples transfer better; attacking an ensemble of source models (their logits averaged,
 the paper's "ensemble in logits") transfers better still::
 
     g <- mu * g + grad / ||grad||_1          (per example)
     x <- clip_[0,1](Pi_eps(x + alpha * sign(g))),   alpha = eps / steps
+
+The loop is :func:`~logitpair.attacks.iterative.perturb_iterative` with the direction
+:class:`L1Momentum`; another threat model takes the same ``g`` through its own ``threat.step``.
 
 Inputs are images in the threat's bounds of shape (N, ...), labels (N,). Example::
 
