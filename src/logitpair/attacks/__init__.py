@@ -11,11 +11,12 @@ from logitpair.attacks.apgd import apgd, apgd_ce, apgd_dlr, apgd_t
 from logitpair.attacks.common import predict, random_target
 from logitpair.attacks.fab import fab, fab_t
 from logitpair.attacks.fgsm import fgsm
-from logitpair.attacks.mifgsm import EnsembleLogits, mi_fgsm
+from logitpair.attacks.mifgsm import mi_fgsm
 from logitpair.attacks.noise import random_noise
 from logitpair.attacks.official import OfficialSpec, official, official_attack, official_threat, parse_official
 from logitpair.attacks.pgd import pgd
 from logitpair.attacks.square import square
+from logitpair.models.ensemble import EnsembleLogits  # re-exported: its home is logitpair.models
 from logitpair.registry import Registry
 
 ATTACKS: Registry = Registry("attack")

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from logitpair.attacks.common import ahead_logit, check_k, is_success, loss_grad
 from logitpair.errors import ConfigError
 from logitpair.modes import attack_context
-from logitpair.threat import Linf
+from logitpair.threat import Threat, require_linf
 
 ApgdLoss = Literal["ce", "dlr", "dlr-targeted"]
 LossFn = Callable[[Tensor], Tensor]
@@ -128,7 +128,7 @@ def _apgd_run(
     x: Tensor,
     loss_fn: LossFn,
     success_fn: Callable[[Tensor], Tensor],
-    threat: Linf,
+    threat: Threat,
     steps: int,
     rho: float,
     momentum: float,
@@ -226,10 +226,9 @@ def _make_loss(name: str, y: Tensor, target: Tensor | None, k: int = 1) -> LossF
     return lambda logits: dlr_targeted_loss(logits, y, target, k)
 
 
-def _check(threat: Linf, steps: int, restarts: int, rho: float, momentum: float, k: int = 1) -> None:
+def _check(threat: Threat, steps: int, restarts: int, rho: float, momentum: float, k: int = 1) -> None:
     check_k(k)
-    if not isinstance(threat, Linf):
-        raise ConfigError(f"APGD here supports the Linf threat model only, got {threat!r}")
+    require_linf(threat, "APGD here")
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     if restarts < 1:
@@ -264,7 +263,7 @@ def apgd(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     steps: int = 100,
     loss: ApgdLoss = "ce",
     restarts: int = 1,
@@ -352,7 +351,7 @@ def apgd_ce(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     steps: int = 100,
     restarts: int = 1,
     rho: float = 0.75,
@@ -373,7 +372,7 @@ def apgd_dlr(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     steps: int = 100,
     restarts: int = 1,
     rho: float = 0.75,
@@ -394,7 +393,7 @@ def apgd_t(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     steps: int = 100,
     n_target_classes: int = 9,
     restarts: int = 1,

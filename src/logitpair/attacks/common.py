@@ -30,6 +30,11 @@ def attack_loss(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
     return -F.cross_entropy(logits, target, reduction="none")
 
 
+def attack_objective(y: Tensor, target: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """:func:`attack_loss` of ``(y, target)`` as a function of the logits alone (a ``loss_fn``)."""
+    return lambda logits: attack_loss(logits, y, target)
+
+
 def is_success(logits: Tensor, y: Tensor, target: Tensor | None, k: int = 1) -> Tensor:
     """Untargeted: ``y`` is not among the ``k`` largest logits (``k = 1``: the prediction differs
     from ``y``). Targeted: the prediction equals the target (``k`` plays no part)."""
@@ -84,7 +89,7 @@ def loss_grad(model: nn.Module, x: Tensor, loss_fn: Callable[[Tensor], Tensor]) 
 
 def input_grad(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`loss_grad` of :func:`attack_loss` (CE ascent, or targeted CE descent)."""
-    return loss_grad(model, x, lambda logits: attack_loss(logits, y, target))
+    return loss_grad(model, x, attack_objective(y, target))
 
 
 def prepare_target(

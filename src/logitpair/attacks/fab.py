@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from logitpair.attacks.common import ahead_logit, check_k, is_success, loss_grad
 from logitpair.errors import ConfigError
 from logitpair.modes import attack_context
-from logitpair.threat import Linf
+from logitpair.threat import Threat, require_linf
 
 # (x_k, indices of the examples) -> (f, grad f): f (n, m) linearised boundary values
 # z_c - z_y for m candidate classes, grad f of shape (n, m, d) with d = prod(x.shape[1:]).
@@ -137,7 +137,7 @@ def _fab_run(
     y: Tensor,
     boundary: BoundaryFn,
     start: Tensor,
-    threat: Linf,
+    threat: Threat,
     steps: int,
     alpha_max: float,
     eta: float,
@@ -178,10 +178,9 @@ def _fab_run(
     return best_x, best_d
 
 
-def _check(threat: Linf, steps: int, restarts: int, alpha_max: float, eta: float, beta: float, k: int = 1) -> None:
+def _check(threat: Threat, steps: int, restarts: int, alpha_max: float, eta: float, beta: float, k: int = 1) -> None:
     check_k(k)
-    if not isinstance(threat, Linf):
-        raise ConfigError(f"FAB here supports the Linf threat model only, got {threat!r}")
+    require_linf(threat, "FAB here")
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     if restarts < 1:
@@ -197,7 +196,7 @@ def _check(threat: Linf, steps: int, restarts: int, alpha_max: float, eta: float
 class _Result:
     """Per example: the returned point (clean until broken) and whether it is broken (``y`` not in the top ``k``)."""
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, threat: Linf, k: int = 1) -> None:
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, threat: Threat, k: int = 1) -> None:
         self.model, self.x, self.y, self.threat, self.k = model, x, y, threat, k
         self.out = x.clone()
         with torch.no_grad():
@@ -220,7 +219,7 @@ class _Result:
         self.broken[idx] = ok
 
 
-def _start(x: Tensor, restart: int, threat: Linf, generator: torch.Generator | None) -> Tensor:
+def _start(x: Tensor, restart: int, threat: Threat, generator: torch.Generator | None) -> Tensor:
     """First run from ``x``; later runs from a random point at L-inf distance eps / 2 (AutoAttack)."""
     if restart == 0:
         return x.clone()
@@ -234,7 +233,7 @@ def fab_t(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     steps: int = 100,
     n_target_classes: int = 9,
     restarts: int = 1,
@@ -301,7 +300,7 @@ def fab(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     steps: int = 100,
     restarts: int = 1,
     alpha_max: float = 0.1,

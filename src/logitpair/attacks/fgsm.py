@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from logitpair.attacks.common import input_grad, prepare_target
+from logitpair.attacks.common import attack_objective, prepare_target
+from logitpair.attacks.iterative import perturb_iterative
 from logitpair.modes import attack_context
-from logitpair.threat import Linf
+from logitpair.threat import Threat
 
 
 def fgsm(
@@ -15,18 +16,19 @@ def fgsm(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     targeted: bool = False,
     target: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """One signed-gradient step of size eps from ``x``: ``clip(x + eps * sign(grad))``.
 
-    L-infinity, inputs in the threat's bounds, shape (N, C, H, W). Targeted mode descends
+    L-infinity (another threat: one steepest-ascent step of size eps in its norm, ``threat.step``),
+    inputs in the threat's bounds, shape (N, C, H, W). Targeted mode descends
     the cross-entropy of ``target`` (random other class when None).
     """
     x = x.detach()
     with attack_context(model):
         target = prepare_target(model, x, y, targeted, target, generator)
-        _, _, grad = input_grad(model, x, y, target)
-        return threat.step(x, x, grad, threat.eps).detach()
+        loss_fn = attack_objective(y, target)
+        return perturb_iterative(model, x, x, threat=threat, steps=1, step_size=threat.eps, loss_fn=loss_fn).detach()

@@ -7,6 +7,9 @@ the paper's "ensemble in logits") transfers better still::
     g <- mu * g + grad / ||grad||_1          (per example)
     x <- clip_[0,1](Pi_eps(x + alpha * sign(g))),   alpha = eps / steps
 
+The loop is :func:`~logitpair.attacks.iterative.perturb_iterative` with the direction
+:class:`L1Momentum`; another threat model takes the same ``g`` through its own ``threat.step``.
+
 Inputs are images in the threat's bounds of shape (N, ...), labels (N,). Example::
 
     x_adv = mi_fgsm([source_a, source_b], x, y, threat=Linf(16 / 255), steps=10)
@@ -19,43 +22,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from logitpair.attacks.common import input_grad, prepare_target
+from logitpair.attacks.common import attack_objective, prepare_target
+from logitpair.attacks.iterative import perturb_iterative, start_point
 from logitpair.errors import ConfigError
+from logitpair.models.ensemble import EnsembleLogits
 from logitpair.modes import attack_context
-from logitpair.threat import Linf
-
-
-class EnsembleLogits(nn.Module):
-    """A model whose logits are the (weighted) mean of several models' logits.
-
-    ``weights`` default to equal; they are normalised to sum to 1. Any attack can take it
-    as its model; attack contexts reach every member (eval mode, frozen parameters).
-    """
-
-    def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> None:
-        super().__init__()
-        if len(models) == 0:
-            raise ConfigError("EnsembleLogits needs at least one model")
-        if weights is None:
-            weights = [1.0] * len(models)
-        weights = [float(w) for w in weights]
-        if len(weights) != len(models):
-            raise ConfigError(f"EnsembleLogits: {len(models)} models but {len(weights)} weights")
-        if not all(w > 0 and w < float("inf") for w in weights):
-            raise ConfigError(f"EnsembleLogits: weights must be positive and finite, got {weights}")
-        total = sum(weights)
-        self.members = nn.ModuleList(models)
-        self.weights = tuple(w / total for w in weights)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.weights[0] * self.members[0](x)
-        for w, m in zip(self.weights[1:], self.members[1:], strict=True):
-            out = out + w * m(x)
-        return out
+from logitpair.threat import Threat
 
 
 def as_model(model: nn.Module | Sequence[nn.Module]) -> nn.Module:
-    """A module as it is; a sequence of modules (or an ``nn.ModuleList``) as :class:`EnsembleLogits`."""
+    """A module as it is; a sequence of modules (or an ``nn.ModuleList``) as
+    :class:`~logitpair.models.ensemble.EnsembleLogits`."""
     if isinstance(model, nn.Module) and not isinstance(model, nn.ModuleList):
         return model
     return EnsembleLogits(list(model))
@@ -66,7 +43,7 @@ def mi_fgsm(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     steps: int = 10,
     decay: float = 1.0,
     step_size: float | None = None,
@@ -92,14 +69,26 @@ def mi_fgsm(
     alpha = threat.eps / steps if step_size is None else float(step_size)
     model = as_model(model)
     x = x.detach()
-    view = (-1,) + (1,) * (x.dim() - 1)
     with attack_context(model):
         target = prepare_target(model, x, y, targeted, target, generator)
-        x_adv = x.clone()
-        g = torch.zeros_like(x)
-        for _ in range(steps):
-            _, _, grad = input_grad(model, x_adv, y, target)
-            l1 = grad.abs().flatten(1).sum(1).clamp_min(torch.finfo(grad.dtype).tiny)
-            g = decay * g + grad / l1.view(view)
-            x_adv = threat.step(x, x_adv, g, alpha)
+        loss_fn, direction = attack_objective(y, target), L1Momentum(decay)
+        start = start_point(x, threat, random_start=False)  # the clean input
+        x_adv = perturb_iterative(
+            model, x, start, threat=threat, steps=steps, step_size=alpha, loss_fn=loss_fn, direction=direction
+        )
     return x_adv.detach()
+
+
+class L1Momentum:
+    """MI-FGSM's ascent direction: ``g <- decay * g + grad / ||grad||_1`` (per example, from
+    ``g = 0``); each call takes the step's gradient and returns the new ``g``."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.g: Tensor | None = None
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        l1 = grad.abs().flatten(1).sum(1).clamp_min(torch.finfo(grad.dtype).tiny)
+        g = torch.zeros_like(grad) if self.g is None else self.g
+        self.g = self.decay * g + grad / l1.view((-1,) + (1,) * (grad.dim() - 1))
+        return self.g

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from logitpair.attacks.common import check_k, is_success
 from logitpair.errors import ConfigError
 from logitpair.modes import eval_mode
-from logitpair.threat import Linf
+from logitpair.threat import Threat, require_linf
 
 
 def random_noise(
@@ -24,16 +24,17 @@ def random_noise(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     samples: int = 10,
     generator: torch.Generator | None = None,
     k: int = 1,
 ) -> Tensor:
-    """Try ``samples`` random corners ``clip(x +- eps)`` (:meth:`Linf.random_corner`).
+    """Try ``samples`` random corners ``clip(x +- eps)`` (:meth:`Linf.random_corner`; L-infinity only).
 
     Returns per example a successful sample if there is one (misclassified; with ``k > 1``:
     ``y`` not among the ``k`` largest logits; the highest-CE one), else the highest-CE sample. Forward passes only, in eval mode (restored afterwards).
     """
+    linf = require_linf(threat, "noise (random corners of the ball)")
     check_k(k)
     if samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
@@ -44,7 +45,7 @@ def random_noise(
         best_loss = torch.full((len(x),), -float("inf"), device=x.device)
         best_succ = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(samples):
-            candidate = threat.random_corner(x, generator)
+            candidate = linf.random_corner(x, generator)
             logits = model(candidate)
             loss = F.cross_entropy(logits, y, reduction="none").to(best_loss.dtype)
             succ = is_success(logits, y, None, k)

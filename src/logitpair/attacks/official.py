@@ -34,10 +34,11 @@ from typing import Literal, cast
 import torch
 from torch import Tensor, nn
 
-from logitpair.attacks.common import input_grad
+from logitpair.attacks.common import attack_objective
+from logitpair.attacks.iterative import perturb_iterative, start_point
 from logitpair.errors import ConfigError
 from logitpair.modes import attack_context
-from logitpair.threat import Linf
+from logitpair.threat import Linf, Threat, require_linf
 
 OfficialKind = Literal["pgd", "pgdll", "pgdrnd"]
 KINDS: tuple[str, ...] = ("pgd", "pgdll", "pgdrnd")
@@ -138,10 +139,11 @@ def official_attack(
             with torch.no_grad():
                 label = official_targets(model(x), spec.kind, generator)
         target = None if spec.kind == "pgd" else label  # pgd ascends CE(label); the others descend CE(target)
-        x_adv = threat.project(x, init.detach()) if init is not None else threat.random_init(x, generator)
-        for _ in range(spec.steps):
-            _, _, grad = input_grad(model, x_adv, label, target)
-            x_adv = threat.step(x, x_adv, grad, spec.step)
+        start = start_point(x, threat, init=init, generator=generator)
+        loss_fn = attack_objective(label, target)
+        x_adv = perturb_iterative(
+            model, x, start, threat=threat, steps=spec.steps, step_size=spec.step, loss_fn=loss_fn
+        )
     return x_adv.detach()
 
 
@@ -150,7 +152,7 @@ def official(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     spec: str,
     generator: torch.Generator | None = None,
     targeted: bool = False,
@@ -168,6 +170,7 @@ def official(
 
         x_adv = official(model, x, y, threat=Linf(16 / 255), spec="pgdrnd_16_2_10", targeted=True, target=t)
     """
+    require_linf(threat, "the official notation (pgd|pgdll|pgdrnd_EPS_STEP_NITER)")
     parsed = parse_official(spec)
     if parsed is None:
         raise ConfigError(f"attack official: spec {spec!r} is not in the notation {_FORM}, e.g. pgdll_16_2_10")

@@ -1,6 +1,8 @@
 """Projected gradient descent (Madry et al. 2018, https://arxiv.org/abs/1706.06083).
 
-L-infinity, inputs in the threat model's bounds (default [0, 1]), ``x`` of shape (N, C, H, W).
+Any threat model (:class:`~logitpair.threat.Threat`; L-infinity: signed-gradient steps), inputs in
+its bounds (default [0, 1]), ``x`` of shape (N, C, H, W). The loop is
+:func:`~logitpair.attacks.iterative.perturb_iterative`, shared with the other gradient attacks.
 """
 
 from __future__ import annotations
@@ -8,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from logitpair.attacks.common import attack_loss, check_k, input_grad, is_success, prepare_target
+from logitpair.attacks.common import attack_objective, check_k, is_success, prepare_target
+from logitpair.attacks.iterative import BestIterate, perturb_iterative, start_point
 from logitpair.errors import ConfigError
 from logitpair.modes import attack_context
-from logitpair.threat import Linf
+from logitpair.threat import Threat
 
 
 def pgd(
@@ -19,7 +22,7 @@ def pgd(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     steps: int,
     step_size: float | None = None,
     random_start: bool = True,
@@ -38,7 +41,7 @@ def pgd(
     ``target`` is None; the official ``pgdrnd`` instead draws from all classes, see
     :mod:`logitpair.attacks.official`)::
 
-        x <- clip_[0,1](Pi_eps(x + step_size * sign(grad)))
+        x <- clip_[0,1](Pi_eps(x + step_size * sign(grad)))      (L-infinity: threat.step)
 
     Args:
         steps: number of gradient steps k (>= 1).
@@ -61,6 +64,27 @@ def pgd(
 
         x_adv = pgd(model, x, y, threat=Linf(0.1), steps=40, restarts=2)
     """
+    _check(steps, restarts, targeted, k)
+    alpha = 2.5 * threat.eps / steps if step_size is None else float(step_size)
+    x = x.detach()
+    with attack_context(model):
+        target = prepare_target(model, x, y, targeted, target, generator)
+        loss_fn = attack_objective(y, target)
+        best = None
+        if keep_best or restarts > 1:
+            best = BestIterate(x, loss_fn, lambda logits: is_success(logits, y, target, k), every_step=keep_best)
+        for r in range(restarts):
+            start = start_point(
+                x, threat, init=init if r == 0 else None, random_start=random_start, generator=generator
+            )
+            x_adv = perturb_iterative(
+                model, x, start, threat=threat, steps=steps, step_size=alpha, loss_fn=loss_fn, best=best
+            )
+    return (x_adv if best is None else best.x).detach()
+
+
+def _check(steps: int, restarts: int, targeted: bool, k: int) -> None:
+    """PGD's settings: at least one step and one restart; top-``k`` success untargeted only."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if restarts < 1:
@@ -68,36 +92,3 @@ def pgd(
     check_k(k)
     if targeted and k != 1:
         raise ConfigError("k (top-k success) is for untargeted attacks; a targeted attack succeeds on the target")
-    alpha = 2.5 * threat.eps / steps if step_size is None else float(step_size)
-    x = x.detach()
-    with attack_context(model):
-        target = prepare_target(model, x, y, targeted, target, generator)
-        best_x = x.clone()
-        best_loss = torch.full((len(x),), -float("inf"), device=x.device, dtype=x.dtype)
-        best_succ = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-
-        def consider(candidate: Tensor, loss: Tensor, logits: Tensor) -> None:
-            nonlocal best_x, best_loss, best_succ
-            succ = is_success(logits, y, target, k)
-            better = (succ & ~best_succ) | ((succ == best_succ) & (loss > best_loss))
-            best_x = torch.where(better.view(-1, *[1] * (x.dim() - 1)), candidate, best_x)
-            best_loss = torch.where(better, loss, best_loss)
-            best_succ = best_succ | succ
-
-        for r in range(restarts):
-            if r == 0 and init is not None:
-                x_adv = threat.project(x, init.detach())
-            else:
-                x_adv = threat.random_init(x, generator) if random_start else x.clone()
-            for _ in range(steps):
-                loss, logits, grad = input_grad(model, x_adv, y, target)
-                if keep_best:
-                    consider(x_adv, loss, logits)
-                x_adv = threat.step(x, x_adv, grad, alpha)
-            if keep_best or restarts > 1:
-                with torch.no_grad():
-                    logits = model(x_adv)
-                consider(x_adv, attack_loss(logits, y, target).detach(), logits)
-            else:
-                best_x = x_adv
-    return best_x.detach()

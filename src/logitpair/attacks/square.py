@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from logitpair.attacks.common import check_k, is_success, prepare_target
 from logitpair.errors import ConfigError
 from logitpair.modes import eval_mode
-from logitpair.threat import Linf
+from logitpair.threat import Threat, require_linf
 
 
 def square_p_schedule(i: int, queries: int, p_init: float = 0.8) -> float:
@@ -63,7 +63,7 @@ def _square_run(
     x: Tensor,
     y: Tensor,
     target: Tensor | None,
-    threat: Linf,
+    threat: Threat,
     queries: int,
     p_init: float,
     generator: torch.Generator | None,
@@ -114,7 +114,7 @@ def square(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     queries: int = 5000,
     p_init: float = 0.8,
     restarts: int = 1,
@@ -145,8 +145,7 @@ def square(
     returned unchanged. The model runs in eval mode (restored afterwards) and is never
     differentiated.
     """
-    if not isinstance(threat, Linf):
-        raise ConfigError(f"square supports the Linf threat model only, got {threat!r}")
+    require_linf(threat, "square")
     if x.dim() != 4:
         raise ConfigError(f"square expects images of shape (N, C, H, W), got {tuple(x.shape)}")
     if queries < 1:

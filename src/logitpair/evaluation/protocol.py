@@ -56,7 +56,7 @@ class ProtocolResult:
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "n": self.n,
-            "threat": {"norm": "Linf", "eps": self.threat.eps, "bounds": list(self.threat.bounds)},
+            "threat": self.threat.to_dict(),
             "seed": self.seed,
             "attacks": [a.to_dict() for a in self.attacks],
             "clean": summarize(self.clean_correct),

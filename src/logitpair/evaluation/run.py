@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from logitpair.attacks import EnsembleLogits
 from logitpair.checkpoint import RunInfo, load_model, load_run, run_info
 from logitpair.config import DataConfig, build
 from logitpair.data import load_dataset, take
@@ -30,6 +29,7 @@ from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.evaluation.suites import get_suite
 from logitpair.io import write_json, write_text
 from logitpair.metrics import summarize
+from logitpair.models.ensemble import EnsembleLogits
 from logitpair.progress import ProgressFactory, null_progress
 from logitpair.report import markdown_table, pct_ci
 from logitpair.threat import Linf
@@ -100,7 +100,7 @@ def source_runs(source: str | Path | Sequence[str | Path]) -> list[str]:
 
 def load_source(source: str | Path | Sequence[str | Path], device: str | torch.device = "cpu") -> nn.Module:
     """A transfer source model: one run, or several runs attacked as one ensemble
-    (:class:`~logitpair.attacks.EnsembleLogits`, the mean of their logits)."""
+    (:class:`~logitpair.models.ensemble.EnsembleLogits`, the mean of their logits)."""
     models = [load_model(p, device=device) for p in source_runs(source)]
     return models[0] if len(models) == 1 else EnsembleLogits(models)
 

@@ -13,7 +13,7 @@ The diagonal is white-box (the source attacking itself) and equals ``run_protoco
 [attack], threat=..., seed=..., batch_size=...)`` exactly: the examples of the points the source
 classifies correctly are crafted by that very call. Points the source misclassifies clean are
 attacked as well (other seeds), so a target never sees a clean image in place of a transferred
-one. A source may be any module, e.g. :class:`~logitpair.attacks.EnsembleLogits` (mean logits
+one. A source may be any module, e.g. :class:`~logitpair.models.ensemble.EnsembleLogits` (mean logits
 of several models, the ensemble of Dong et al. 2018 and Tramèr et al. 2018).
 
 With ``state_dir`` the crafted examples are stored per source (safetensors, written
@@ -45,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from logitpair.attacks import ATTACKS, EnsembleLogits, attack_info, predict
+from logitpair.attacks import ATTACKS, attack_info, predict
 from logitpair.checkpoint import load_model, run_info
 from logitpair.errors import ConfigError, LogitpairError
 from logitpair.evaluation.protocol import run_protocol
@@ -53,6 +53,7 @@ from logitpair.evaluation.run import test_points, weights_digest
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.io import atomic_write, write_json, write_text
 from logitpair.metrics import summarize, topk_correct
+from logitpair.models.ensemble import EnsembleLogits
 from logitpair.progress import ProgressFactory, null_progress
 from logitpair.report import markdown_table, pct_ci, plot_heatmaps
 from logitpair.threat import Linf
@@ -89,7 +90,7 @@ class TransferResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "n": self.n,
-            "threat": {"norm": "Linf", "eps": self.threat.eps, "bounds": list(self.threat.bounds)},
+            "threat": self.threat.to_dict(),
             "seed": self.seed,
             "batch_size": self.batch_size,
             "attack": self.attack.to_dict(),

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from logitpair.attacks.common import input_grad
+from logitpair.attacks.common import attack_objective
+from logitpair.attacks.iterative import perturb_iterative, start_point
 from logitpair.attacks.official import official_attack, official_threat, parse_official
 from logitpair.attacks.pgd import pgd
 from logitpair.methods.base import random_start
 from logitpair.methods.context import START, BatchContext
 from logitpair.methods.settings import FGSMRSSettings, TrainingAttackSettings
 from logitpair.modes import attack_context
-from logitpair.threat import Linf
+from logitpair.threat import Linf, Threat
 
 
 def craft(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainingAttackSettings, ctx: BatchContext) -> Tensor:
@@ -71,7 +72,7 @@ def fgsm_rs_start(x: Tensor, threat: Linf, ctx: BatchContext) -> Tensor:
     return threat.project(x, x + (2.0 * ctx.uniform(x, START) - 1.0) * threat.eps)
 
 
-def fgsm_rs(model: nn.Module, x: Tensor, y: Tensor, *, threat: Linf, alpha: float, init: Tensor) -> Tensor:
+def fgsm_rs(model: nn.Module, x: Tensor, y: Tensor, *, threat: Threat, alpha: float, init: Tensor) -> Tensor:
     """One FGSM step from a random start (Wong et al. 2020, https://arxiv.org/abs/2001.03994).
 
     ``x_adv = clip_[0,1](Pi_eps(init + alpha * sign(grad_x CE(f(init), y))))`` with ``alpha``
@@ -85,7 +86,9 @@ def fgsm_rs(model: nn.Module, x: Tensor, y: Tensor, *, threat: Linf, alpha: floa
         x_adv = fgsm_rs(model, x, y, threat=Linf(0.1), alpha=0.125, init=fgsm_rs_start(x, Linf(0.1), ctx))
     """
     x = x.detach()
-    start = threat.project(x, init.detach())
+    start = start_point(x, threat, init=init)
     with attack_context(model):
-        _, _, grad = input_grad(model, start, y, None)
-    return threat.step(x, start, grad, alpha).detach()
+        x_adv = perturb_iterative(
+            model, x, start, threat=threat, steps=1, step_size=alpha, loss_fn=attack_objective(y, None)
+        )
+    return x_adv.detach()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from logitpair.attacks.common import loss_grad
+from logitpair.attacks.iterative import perturb_iterative
 from logitpair.methods.base import METHODS, accuracy, cross_entropy, joint_step_cost
 from logitpair.methods.context import NOISE, BatchContext
 from logitpair.methods.settings import TRAINING_PGD_STEPS, StepSettings
@@ -55,9 +55,15 @@ def trades_adversary(model: nn.Module, x: Tensor, cfg: StepSettings, ctx: BatchC
     with attack_context(model):
         with torch.no_grad():
             target = model(x)
-        for _ in range(cfg.attack_steps):
-            _, _, grad = loss_grad(model, x_adv, lambda logits: pair_distance(target, logits, "kl", "sum"))
-            x_adv = threat.step(x, x_adv, grad, cfg.attack_step_size)
+        x_adv = perturb_iterative(
+            model,
+            x,
+            x_adv,
+            threat=threat,
+            steps=cfg.attack_steps,
+            step_size=cfg.attack_step_size,
+            loss_fn=lambda logits: pair_distance(target, logits, "kl", "sum"),
+        )
     return x_adv.detach()
 
 

@@ -5,6 +5,7 @@ no ``no_grad``/``detach`` inside; normalisation, if any, is a layer of the model
 """
 
 from logitpair.models import inception, lenet, preact_resnet, resnet, revnet  # noqa: F401  (register the models)
+from logitpair.models.ensemble import EnsembleLogits
 from logitpair.models.registry import MODELS, create_model, list_models
 
-__all__ = ["MODELS", "create_model", "list_models"]
+__all__ = ["MODELS", "EnsembleLogits", "create_model", "list_models"]
