@@ -20,7 +20,7 @@ from logitpair.attacks import ATTACKS, apgd_ce, fgsm, mi_fgsm, official, officia
 from logitpair.attacks.common import attack_objective
 from logitpair.attacks.iterative import BestIterate, perturb_iterative, start_point
 from logitpair.errors import ConfigError
-from logitpair.methods import BatchContext, MethodConfig
+from logitpair.methods import METHODS, BatchContext
 from logitpair.methods.crafting import fgsm_rs
 from logitpair.methods.trades import START_STD, trades_adversary
 from logitpair.pairing import pair_distance
@@ -169,7 +169,7 @@ def test_fgsm_and_fgsm_rs_equal_one_step(setup):
 
 def test_trades_adversary_equals_the_textbook_loop(setup):
     model, x, _, _ = setup
-    cfg = MethodConfig(eps=0.05, attack_steps=4, attack_step_size=0.02)
+    cfg = METHODS.settings("trades")(eps=0.05, attack_steps=4, attack_step_size=0.02)
     got = trades_adversary(model, x, cfg, BatchContext(generator=_gen(4)))
     x_adv = x + START_STD * torch.randn(x.shape, generator=_gen(4))  # not projected, as the reference
     with torch.no_grad():
