@@ -463,7 +463,7 @@ def check_noise_not_stronger(a: AuditInputs, runs: RunStore) -> Check:
 def check_transfer_not_stronger(a: AuditInputs, runs: RunStore) -> Check:
     """Transfer from the source model must not break what the gradient attacks left robust."""
     if a.source is None:
-        return Check("transfer_not_stronger", None, "no source model given (--source): transfer not tested")
+        return Check("transfer_not_stronger", None, "no source model given: transfer not tested")
     tr = _transfer(a, runs)
     return _extra_check(
         "transfer_not_stronger",

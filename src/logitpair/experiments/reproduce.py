@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -70,6 +69,7 @@ from logitpair.progress import Logger, ProgressFactory, null_log, null_progress
 from logitpair.report import markdown_table, pct_ci
 from logitpair.threat import Linf
 from logitpair.training import train
+from logitpair.training.distributed import env_world
 
 SCALES = ("smoke", "small", "full")
 SETTINGS_PAGE = "docs/PAPER_SETTINGS.md"  # every preset's settings with their sources (experiments.settings_page)
@@ -276,7 +276,7 @@ def reproduce(
     """Train, evaluate, audit and report one preset; returns ``results.json``'s content (None on
     ranks other than 0 under torchrun). See the module docstring."""
     plan = make_plan(opts)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = env_world().rank, env_world().world_size
     if plan.scale == "smoke" and world > 1 and opts.data_dir is None:
         raise ConfigError("`scale` smoke under torchrun: pass `data_dir` (the generated data is per process)")
     out = opts.out_dir.resolve()
