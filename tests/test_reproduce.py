@@ -298,7 +298,11 @@ def test_test_points_use_the_runs_image_size(tmp_path):
     root = write_imagenet(tmp_path / "imagenet", IMAGENET_WNIDS[:3], n_train=2, n_val=1, special={})
 
     run = torch.nn.Module()
-    run.meta = {"config": {"data": {"dataset": "imagenet", "data_dir": str(root), "image_size": 24}}}
+    run.meta = {
+        "eps": 0.1,
+        "model": {"name": "resnet50"},
+        "config": {"data": {"dataset": "imagenet", "data_dir": str(root), "image_size": 24}},
+    }
     x, y, dataset = points_of(run, 2, None)
     assert x.shape == (2, 3, 24, 24) and y.tolist() == [0, 1] and dataset == "imagenet"
     x, _, _ = points_of(run, None, None)
