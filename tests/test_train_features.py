@@ -112,7 +112,7 @@ def test_official_recipe_runs_through_the_loop(tmp_path, data_dir):
 
 def test_bf16_training_keeps_attacks_in_float32(tmp_path, data_dir, monkeypatch):
     """--amp bf16: the training forward runs under autocast, the attack inside the loss does not."""
-    from logitpair.attacks import common
+    from logitpair.attacks import common, iterative
 
     dtypes: list[torch.dtype] = []
     orig = common.loss_grad
@@ -123,6 +123,7 @@ def test_bf16_training_keeps_attacks_in_float32(tmp_path, data_dir, monkeypatch)
         return loss, logits, grad
 
     monkeypatch.setattr(common, "loss_grad", spy)
+    monkeypatch.setattr(iterative, "loss_grad", spy)  # the iterative core's own name for it
     res = train(cfg_for(data_dir, method="alp", amp="bf16", optim={"epochs": 1}), tmp_path / "run")
     assert dtypes and set(dtypes) == {torch.float32}
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
