@@ -1,5 +1,6 @@
 """The training loop's parts: its typed state (and the checkpoints written before it was typed),
-the end-of-epoch policies, the attack-autocast switch, and the run directory's messages."""
+the end-of-epoch policies, the attack-autocast switch, the run directory's messages and the
+automatic validation split."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from logitpair.cli import main
 from logitpair.config import loss_for, make_config
+from logitpair.data.base import default_val_size
 from logitpair.errors import CheckpointError, ConfigError, TrainingDiverged
 from logitpair.modes import ATTACK_AUTOCAST, attack_autocast
 from logitpair.training import loop, train
@@ -175,3 +177,26 @@ def test_unfinished_run_names_its_last_checkpoint(tmp_path, data_dir):
     train(cfg, tmp_path / "run", stop_after_steps=3)
     with pytest.raises(ConfigError, match=r"unfinished run of the same config \(last checkpoint ckpt-000000003\)"):
         train(cfg, tmp_path / "run")
+
+
+# --------------------------------------------------------------------------- validation split
+def test_default_val_size_rule():
+    assert [default_val_size(n) for n in (60_000, 50_000, 73_257, 49_990, 600, 9)] == [5000, 5000, 5000, 4999, 60, 0]
+
+
+def test_small_training_set_trains_without_val_size(tmp_path, data_dir, capsys):
+    """600 generated images and no --val-size: 60 held out (10%), recorded in the run's config,
+    so the same command resumes; an explicit size too large is one clear error."""
+    argv = [a for a in TRAIN if a not in ("--val-size", "50")]
+    out = tmp_path / "run"
+    assert main([*argv, "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["data"]["val_size"] == 60
+    assert json.loads((out / "model.json").read_text())["config"]["data"]["val_size"] == 60
+    assert "val_clean" in json.loads((out / "train.json").read_text())["history"][0]
+    assert main([*argv, "--data-dir", str(data_dir), "--out", str(out), "--resume"]) == 0
+    assert main([*argv, "--data-dir", str(data_dir), "--out", str(out), "--resume", "--val-size", "60"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--data-dir", str(data_dir), "--out", str(tmp_path / "big"), "--val-size", "600"]) == 2
+    err = capsys.readouterr().err
+    assert err == "logitpair: error: --val-size: expected 0 <= val_size < 600 (the training set's size), got 600\n"

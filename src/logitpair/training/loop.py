@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,8 @@ def _setup(
     splits = splits or load_dataset(
         cfg.data.dataset, cfg.data.data_dir, cfg.data.val_size, cfg.seed, **cfg.data.options()
     )
+    if cfg.data.val_size is None:  # automatic: the run records the number held out
+        cfg = replace(cfg, data=replace(cfg.data, val_size=len(splits.val)))
     if getattr(splits.train, "skipped", 0):
         log(f"skipped {splits.train.skipped} unreadable training image(s)")  # type: ignore[attr-defined]
     steps = steps_per_epoch(len(splits.train), cfg.optim.batch_size, micro_batches(cfg, world))
