@@ -205,7 +205,7 @@ def _setup(
     if cfg.data.val_size is None:  # automatic: the run records the number held out
         cfg = replace(cfg, data=replace(cfg.data, val_size=len(splits.val)))
     if getattr(splits.train, "skipped", 0):
-        log(f"skipped {splits.train.skipped} unreadable training image(s)")  # type: ignore[attr-defined]
+        log(f"skipped {splits.train.skipped} unreadable training image(s)")
     steps = steps_per_epoch(len(splits.train), cfg.optim.batch_size, micro_batches(cfg, world))
     _on_rank0(world, partial(prepare_run_dir, out_dir, cfg, resume, overwrite, log))
 
