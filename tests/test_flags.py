@@ -72,8 +72,8 @@ def _changed(cls: type, f: dataclasses.Field) -> tuple[list[str], Any]:
     if check is not None and check.choices:
         other = next(c for c in check.choices if c != default)
         return [other], other
-    if hint is int:
-        return [str(default + 1)], default + 1
+    if hint in (int, int | None):
+        return [str((default or 0) + 1)], (default or 0) + 1
     if hint in (str, str | None):
         return ["x"], "x"
     value = 0.5 if not default else default / 2

@@ -50,7 +50,11 @@ class DataConfig:
 
     dataset: str = setting("fashion-mnist", "dataset name (see `logitpair list`)")
     data_dir: str | None = setting(None, "folder with the dataset's files (None: its standard location)")
-    val_size: int = setting(5000, "validation images held out of the training set", check=at_least(0))
+    val_size: int | None = setting(
+        None,
+        "validation images held out of the training set; none given: 10% of it, at most 5000 (recorded in the run)",
+        check=at_least(0),
+    )
     image_size: int = setting(
         0, "folder datasets (imagenet, tiny-imagenet): side in pixels; 0 = the dataset's default", check=at_least(0)
     )

@@ -49,7 +49,19 @@ def frozen_params(model: nn.Module) -> Iterator[nn.Module]:
 
 # Attacks run in float32 even inside a bf16 autocast region (mixed-precision training) unless
 # this is set (``RunConfig.amp_attacks``): low-precision input gradients weaken attacks.
+# Set it with :func:`attack_autocast`, never with ``ATTACK_AUTOCAST.set`` left in place.
 ATTACK_AUTOCAST: ContextVar[bool] = ContextVar("attack_autocast", default=False)
+
+
+@contextmanager
+def attack_autocast(enabled: bool) -> Iterator[None]:
+    """Within the block, attacks keep an enclosing autocast if ``enabled`` (:data:`ATTACK_AUTOCAST`);
+    the previous value is restored on exit, also when the block raises."""
+    token = ATTACK_AUTOCAST.set(enabled)
+    try:
+        yield
+    finally:
+        ATTACK_AUTOCAST.reset(token)
 
 
 @contextmanager

@@ -27,11 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _flags(parser: argparse.ArgumentParser) -> set[str]:
-    """The ``dest`` names of every option of the parser and its subcommands."""
+    """The ``dest`` names of every option of the parser and its subcommands, and the field names
+    of the config flags named after their field."""
     names: set[str] = set()
     for action in parser._actions:
         if action.option_strings:
             names.add(action.dest)
+            key = action.dest.rpartition(".")[2]  # a config field's dest is ``config:<section>.<field>``
+            if "--" + key.replace("_", "-") in action.option_strings:
+                names.add(key)  # its flag is named after the field
         for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
             names |= _flags(sub)
     return names

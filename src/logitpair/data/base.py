@@ -81,10 +81,24 @@ Loader = Callable[..., tuple[Dataset, Dataset, str]]
 DATASETS: Registry = Registry("dataset")
 
 
-def split_validation(train: Dataset, val_size: int, seed: int) -> tuple[Dataset, Dataset]:
-    """Hold out ``val_size`` seeded-random training images as a validation set."""
+# The validation split held out when none is asked for: 10% of the training images, at most
+# 5,000 (every registered dataset has >= 50,000 training images, so 5,000 for all of them).
+VAL_SIZE_MAX, VAL_FRACTION = 5000, 0.1
+
+
+def default_val_size(n_train: int) -> int:
+    """The automatic validation split: ``min(5000, floor(n_train / 10))``."""
+    return min(VAL_SIZE_MAX, n_train // round(1 / VAL_FRACTION))
+
+
+def split_validation(train: Dataset, val_size: int | None, seed: int) -> tuple[Dataset, Dataset]:
+    """Hold out ``val_size`` seeded-random training images as a validation set (None: :func:`default_val_size`)."""
+    if val_size is None:
+        val_size = default_val_size(len(train))
     if not 0 <= val_size < len(train):
-        raise ConfigError(f"val_size: expected 0 <= val_size < {len(train)} (training set size), got {val_size}")
+        raise ConfigError(
+            f"expected 0 <= val_size < {len(train)} (the training set's size), got {val_size}", option="val_size"
+        )
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     return train.subset(perm[val_size:].sort().values), train.subset(perm[:val_size].sort().values)
 
@@ -107,9 +121,10 @@ def loader_options(name: str, loader: Loader, options: dict[str, Any]) -> dict[s
 
 
 def load_dataset(
-    name: str, data_dir: str | Path | None = None, val_size: int = 5000, seed: int = 0, **options: Any
+    name: str, data_dir: str | Path | None = None, val_size: int | None = None, seed: int = 0, **options: Any
 ) -> Splits:
-    """Load a registered dataset from ``data_dir`` (or its default location) and split it.
+    """Load a registered dataset from ``data_dir`` (or its default location) and split it
+    (``val_size`` None: :func:`default_val_size`).
 
     ``options`` (e.g. ``image_size=64, skip_bad=True`` for the folder datasets, ``extra=True``
     for SVHN) go to the loader; an option it does not take is a :class:`ConfigError`.

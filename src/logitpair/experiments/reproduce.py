@@ -54,6 +54,7 @@ from logitpair.audit import AuditSettings, audit_run
 from logitpair.checkpoint import load_model, run_info
 from logitpair.config import RunConfig, loss_for, make_config, merge, migrate, to_dict
 from logitpair.data import DATASETS, load_dataset
+from logitpair.data.base import VAL_SIZE_MAX
 from logitpair.environment import environment
 from logitpair.errors import ConfigError
 from logitpair.evaluation import SUITES, AttackSpec, get_suite, pgd_spec, run_protocol
@@ -260,6 +261,9 @@ def row_config(
             if folder:
                 data["image_size"] = preset.smoke_size
     data.update(dataset=plan.dataset, data_dir=data_dir)
+    # the automatic split of the paper's datasets (>= 50,000 training images), written out so that a
+    # stored run's config (which records the number) and its store digest compare equal before training
+    data.setdefault("val_size", VAL_SIZE_MAX)
     values.update(data=data, method=row.method, seed=row.seed + 100 * seed_index, device=device)
     if row.static:
         values["static_models"] = ",".join(static_dirs)

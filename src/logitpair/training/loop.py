@@ -1,6 +1,13 @@
 """The training loop: optimiser, schedule, validation, crash-safe checkpoints, exact resume,
 data-parallel training under torchrun.
 
+Its parts: the loop's state (``state.py``: :class:`LoopState`, the JSON a checkpoint holds, and
+the weight sets kept beside the model), one optimisation step (``step.py``: :func:`train_step`),
+the end-of-epoch policies (``policies.py``: the overfitting guard, best-weight selection), the
+data order (``batches.py``), validation (``validation.py``), restore and export (``persist.py``).
+This module sets up a call and runs epochs: steps, host synchronisations, checkpoints, the end of
+each epoch, the export.
+
 ``train(cfg, out_dir)`` trains ``cfg.model`` with the loss ``METHODS[cfg.method]`` and
 writes into ``out_dir``: ``config.json`` (resolved config), ``env.json``, ``metrics.jsonl``
 (one line per epoch), ``checkpoints/``, ``model.safetensors`` + ``model.json`` and
@@ -28,44 +35,37 @@ the error names the first bad step and no checkpoint is written after it.
 from __future__ import annotations
 
 import json
-import math
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from logitpair._version import __version__
-from logitpair.attacks.common import predict
-from logitpair.attacks.pgd import pgd
-from logitpair.checkpoint import (
-    export_model,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model,
-    optimizer_state,
-    restore_optimizer,
-    save_checkpoint,
-)
+from logitpair.checkpoint import latest_checkpoint, load_model, save_checkpoint
 from logitpair.config import RunConfig, build, to_dict
-from logitpair.data import Splits, iterate_batches, load_dataset, take
-from logitpair.data.base import Dataset
-from logitpair.errors import ConfigError, LogitpairError, TrainingDiverged
-from logitpair.evaluation.protocol import run_protocol
+from logitpair.data import Splits, load_dataset
+from logitpair.errors import ConfigError, LogitpairError
 from logitpair.evaluation.suites import get_suite
-from logitpair.io import sha256_file, write_json, write_text
-from logitpair.methods import METHODS, BatchContext
+from logitpair.io import sha256_file, write_text
+from logitpair.methods import METHODS
 from logitpair.models import create_model
-from logitpair.modes import ATTACK_AUTOCAST, train_mode
-from logitpair.progress import Logger, ProgressFactory, null_log, null_progress
-from logitpair.threat import Linf
+from logitpair.modes import attack_autocast, train_mode
+from logitpair.progress import Bar, Logger, ProgressFactory, null_log, null_progress
 from logitpair.training import distributed as D
-from logitpair.training.ema import ema_decay_at, ema_model, update_ema
+from logitpair.training.batches import epoch_batches, epoch_order, micro_batches, noise_key, steps_per_epoch
+from logitpair.training.ema import ema_model
 from logitpair.training.optim import lr_at, make_optimizer
+from logitpair.training.persist import checkpoint_payload, export_run, final_model, restore
+from logitpair.training.policies import EpochEnd, EpochPolicy, epoch_policies
 from logitpair.training.rundir import checked_write, prepare_run_dir
+from logitpair.training.state import EpochSums, LoopState, Snapshots, clone_weights
+from logitpair.training.step import NonFiniteWatch, StepEnv, StepResult, train_step
+from logitpair.training.validation import validate
+
+__all__ = ["TrainResult", "config_from_run", "epoch_order", "model_spec", "train", "validate"]
 
 
 @dataclass
@@ -76,61 +76,12 @@ class TrainResult:
     train_seconds: float
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
 def model_spec(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
     c, h, _ = splits.train.image_shape
     return {
         "name": cfg.model,
         "kwargs": {"num_classes": splits.train.num_classes, "in_channels": c, "image_size": h},
     }
-
-
-def _accuracy(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 1000) -> float:
-    """Clean top-1 accuracy over a whole dataset (evaluation transform)."""
-    correct = 0
-    for _, x, y in iterate_batches(data, torch.arange(len(data)), batch_size):
-        correct += int((predict(model, x.to(device)).argmax(1) == y.to(device)).sum())
-    return correct / max(len(data), 1)
-
-
-def validate(model: nn.Module, splits: Splits, cfg: RunConfig, device: torch.device | None = None) -> dict[str, float]:
-    """Clean accuracy on the validation split, PGD accuracy on its first ``val_points``
-    (``val_pgd``, which the overfitting guard watches) and, with ``val_suite``, the robust
-    accuracy under that suite on the same points (``val_robust``: correct on clean and under
-    every attack of the suite, the evaluation protocol's rule)."""
-    val = splits.val
-    device = device or torch.device("cpu")
-    if len(val) == 0:
-        return {}
-    out: dict[str, float] = {}
-    with torch.no_grad():
-        out["val_clean"] = _accuracy(model, val, device)
-    n = min(cfg.val_points, len(val))
-    if n and cfg.loss.eps > 0:
-        x, y = take(val, n)
-        x, y = x.to(device), y.to(device)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed + 17)
-        correct = 0
-        for i in range(0, n, 500):
-            xa = pgd(
-                model,
-                x[i : i + 500],
-                y[i : i + 500],
-                threat=Linf(cfg.loss.eps),
-                steps=cfg.val_attack_steps,
-                generator=gen,
-            )
-            correct += int((predict(model, xa).argmax(1) == y[i : i + 500]).sum())
-        out["val_pgd"] = correct / n
-        if cfg.val_suite:
-            res = run_protocol(
-                model, x, y, get_suite(cfg.val_suite), threat=Linf(cfg.loss.eps), seed=cfg.seed + 17, batch_size=500
-            )
-            out["val_robust"] = float(res.robust.float().mean())
-    return out
 
 
 def _load_static(
@@ -168,23 +119,6 @@ def _on_rank0(world: D.Dist, fn: Any) -> None:
         raise error
 
 
-def _rank_order(order: Tensor, steps: int, batch: int, world: D.Dist, accum: int) -> Tensor:
-    """This process's samples, micro-batch after micro-batch: chunks r*A .. r*A+A-1 of each global batch."""
-    parts = world.world_size * accum
-    if parts == 1:
-        return order
-    chunks = order[: steps * batch].view(steps, parts, batch // parts)
-    return chunks[:, world.rank * accum : (world.rank + 1) * accum].reshape(-1)
-
-
-def _noise_key(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) * 2 + 1
-
-
-def _aug_key(seed: int, epoch: int) -> int:
-    return seed * 1_000_003 + epoch
-
-
 def train(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -203,10 +137,53 @@ def train(
     torchrun every process calls this; only rank 0 writes.
     """
     world, device = D.setup(cfg.device)
-    return _train(cfg, Path(out_dir), world, device, resume, overwrite, splits, progress, log, stop_after_steps)
+    if not world.is_main:
+        log, progress = null_log, null_progress
+    run = _setup(cfg, Path(out_dir), world, device, resume, overwrite, splits, progress, log)
+    run.stop_after_steps = stop_after_steps
+    try:
+        with attack_autocast(cfg.amp_attacks):
+            return _run(run)
+    finally:
+        if run.writer is not None:
+            run.writer.close()
 
 
-def _train(
+@dataclass
+class _Run:
+    """One call of :func:`train`: what it works with, and the state it advances."""
+
+    cfg: RunConfig
+    out_dir: Path
+    splits: Splits
+    spec: dict[str, Any]
+    env: StepEnv
+    state: LoopState
+    snaps: Snapshots
+    policies: list[EpochPolicy]
+    static_record: list[dict[str, str]]
+    watch: NonFiniteWatch
+    log: Logger
+    progress: ProgressFactory
+    writer: Any  # a TensorBoard SummaryWriter (rank 0, ``tensorboard: true``) or None
+    stop_after_steps: int | None = None
+    steps_this_call: int = 0
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+def _check_settings(cfg: RunConfig, world: D.Dist, device: torch.device) -> None:
+    """Errors found before anything is loaded or written."""
+    micro_batches(cfg, world)
+    if cfg.val_suite:
+        get_suite(cfg.val_suite)  # an unknown suite fails here, before anything is written
+    if cfg.sync_bn and world.active and device.type != "cuda":
+        raise ConfigError("sync_bn: SyncBatchNorm needs CUDA devices")
+
+
+def _setup(
     cfg: RunConfig,
     out_dir: Path,
     world: D.Dist,
@@ -216,321 +193,208 @@ def _train(
     splits: Splits | None,
     progress: ProgressFactory,
     log: Logger,
-    stop_after_steps: int | None,
-) -> TrainResult:
-    if not world.is_main:
-        log, progress = null_log, null_progress
+) -> _Run:
+    """Checks, data, the run directory, the model and optimiser (restored from the latest
+    checkpoint when resuming), placed on the device and wrapped for DDP / compile."""
     loss_fn = METHODS.get(cfg.method)
     D.same_on_all_ranks(world, to_dict(cfg), "the training config")
-    accum = cfg.optim.accum_steps
-    parts = world.world_size * accum
-    batch = cfg.optim.batch_size
-    if batch % parts:
-        raise ConfigError(
-            f"`batch_size` {batch}: the global batch must divide into {world.world_size} process(es) x "
-            f"{accum} accumulation step(s) = {parts} equal micro-batches"
-        )
-    if cfg.val_suite:
-        get_suite(cfg.val_suite)  # an unknown suite fails here, before anything is written
-    if cfg.sync_bn and world.active and device.type != "cuda":
-        raise ConfigError("sync_bn: SyncBatchNorm needs CUDA devices")
+    _check_settings(cfg, world, device)
     splits = splits or load_dataset(
         cfg.data.dataset, cfg.data.data_dir, cfg.data.val_size, cfg.seed, **cfg.data.options()
     )
-    train_set = splits.train
-    if getattr(train_set, "skipped", 0):
-        log(f"skipped {train_set.skipped} unreadable training image(s)")
-    steps_per_epoch = math.ceil(len(train_set) / batch) if parts == 1 else len(train_set) // batch
-    if steps_per_epoch < 1:
-        raise ConfigError(f"`batch_size` {batch}: larger than the {len(train_set)} training images")
-    _on_rank0(world, lambda: prepare_run_dir(out_dir, cfg, resume, overwrite, log))
-    ckpt_root = out_dir / "checkpoints"
+    if cfg.data.val_size is None:  # automatic: the run records the number held out
+        cfg = replace(cfg, data=replace(cfg.data, val_size=len(splits.val)))
+    if getattr(splits.train, "skipped", 0):
+        log(f"skipped {splits.train.skipped} unreadable training image(s)")
+    steps = steps_per_epoch(len(splits.train), cfg.optim.batch_size, micro_batches(cfg, world))
+    _on_rank0(world, partial(prepare_run_dir, out_dir, cfg, resume, overwrite, log))
 
     torch.manual_seed(cfg.seed)
     spec = model_spec(cfg, splits)
     model = create_model(cfg.model, **spec["kwargs"])
     opt = make_optimizer(list(model.parameters()), cfg)
-    state: dict[str, Any] = {
-        "epoch": 0, "pos": 0, "step": 0, "history": [], "train_seconds": 0.0,
-        "skipped": 0, "acc": {}, "best": None,
-    }  # fmt: skip
-    best_weights: dict[str, Tensor] | None = None
-    prev_weights: dict[str, Tensor] | None = None
-    ema: dict[str, Tensor] | None = None
-    if cfg.ema_decay > 0:
-        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
-        files, saved = load_checkpoint(ckpt)
-        model.load_state_dict(files["model"])
-        restore_optimizer(opt, files["train_state"], saved["optimizer"])
-        torch.set_rng_state(files["train_state"]["rng"])
-        best_weights = files.get("best")
-        prev_weights = files.get("prev")
-        if ema is not None:
-            ema = files["ema"]
-        state = saved["loop"]
-        if not world.is_main:
-            state["acc"] = {}  # rank 0 carries the epoch's partial sums (reduced over ranks at the checkpoint)
-        log(f"resumed from {ckpt.name} (epoch {state['epoch'] + 1}, batch {state['pos']}, step {state['step']})")
+    state, snaps = LoopState(), Snapshots(ema=clone_weights(model) if cfg.ema_decay > 0 else None)
+    if resume and (ckpt := latest_checkpoint(out_dir / "checkpoints")) is not None:
+        state, snaps = restore(ckpt, model, opt, ema=cfg.ema_decay > 0, world=world)
+        log(f"resumed from {ckpt.name} (epoch {state.epoch + 1}, batch {state.pos}, step {state.step})")
     model.to(device)
     _move_optimizer(opt, device)
-    if ema is not None:
-        ema = {k: v.to(device) for k, v in ema.items()}
+    if snaps.ema is not None:
+        snaps.ema = {k: v.to(device) for k, v in snaps.ema.items()}
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     static_models, static_record = _load_static(cfg, device, log)
-    guard = cfg.guard_points()
-    raw = model
-    if cfg.sync_bn and world.active:
-        raw = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    train_model: nn.Module = model
-    if world.active:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)  # type: ignore[assignment]
-    autocast = (
-        (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if cfg.amp == "bf16" else nullcontext
-    )
-    ATTACK_AUTOCAST.set(cfg.amp_attacks)
+    module, wrapped = _wrap(cfg, world, device, model)
+    env = StepEnv(cfg, world, device, wrapped, module, opt, loss_fn, static_models, steps)
     writer = _tensorboard(cfg, out_dir) if world.is_main else None
+    return _Run(cfg, out_dir, splits, spec, env, state, snaps, epoch_policies(cfg), static_record,
+                NonFiniteWatch(device), log, progress, writer)  # fmt: skip
 
-    def reduced_acc() -> dict[str, float]:
-        """The epoch's metric sums so far, summed over processes (a host sync)."""
-        keys = sorted(k for k in acc_t)
-        if not keys:
-            return {}
-        vec = torch.stack([acc_t[k] for k in keys])
-        D.all_reduce_sum(vec, world)
-        return {k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
 
-    def checkpoint() -> None:
-        sums = reduced_acc()
-        if not world.is_main:
-            return
-        tensors, opt_meta = optimizer_state(opt)
-        files = {"model": raw.state_dict(), "train_state": {**tensors, "rng": torch.get_rng_state()}}
-        if best_weights is not None:
-            files["best"] = best_weights
-        if prev_weights is not None:
-            files["prev"] = prev_weights
-        if ema is not None:
-            files["ema"] = ema
-        loop_state = {**state, "acc": {**sums, "n": n_steps}}
-        save_checkpoint(
-            ckpt_root,
-            state["step"],
-            files,
-            {
-                "loop": loop_state,
-                "optimizer": opt_meta,
-                "model_spec": spec,
-                "config": to_dict(cfg),
-                "version": __version__,
-            },
-        )
+def _wrap(cfg: RunConfig, world: D.Dist, device: torch.device, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(module, what the loss calls)``: SyncBatchNorm, DDP and torch.compile as configured."""
+    if cfg.sync_bn and world.active:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    wrapped: nn.Module = model
+    if world.active:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)  # type: ignore[assignment]
+    return model, wrapped
 
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
 
-    def check_finite() -> None:
-        """The deferred non-finite check (``on_nonfinite: stop``): one host sync."""
-        bad = int(first_bad)
-        if bad >= 0:
-            last = latest_checkpoint(ckpt_root)
-            where = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
-            raise TrainingDiverged(
-                f"non-finite loss or gradient at step {bad} "
-                f"(epoch {bad // steps_per_epoch + 1}, batch {bad % steps_per_epoch}); {where}"
-            )
+def _run(run: _Run) -> TrainResult:
+    """Epochs until the last (or until the call's step budget runs out), then the export."""
+    state = run.state
+    while state.epoch < run.cfg.optim.epochs:
+        sums = _train_epoch(run)
+        if sums is None:
+            return TrainResult(run.out_dir, run.env.module.eval(), state.history, state.train_seconds)
+        _end_epoch(run, sums)
+    final = final_model(run.env.module, run.snaps, state, run.cfg)
+    if run.env.world.is_main:
+        export_run(run.out_dir, final, state, run.cfg, spec=run.spec, ema=run.snaps.ema is not None,
+                   static_record=run.static_record, world_size=run.env.world.world_size)  # fmt: skip
+    D.barrier(run.env.world)
+    return TrainResult(run.out_dir, final.eval(), state.history, state.train_seconds)
 
-    steps_this_call = 0
-    while state["epoch"] < cfg.optim.epochs:
-        epoch = state["epoch"]
-        order = _rank_order(epoch_order(len(train_set), cfg.seed, epoch), steps_per_epoch, batch, world, accum)
-        micro = batch // parts
-        stream = iterate_batches(
-            train_set,
-            order,
-            micro,
-            start=state["pos"] * accum,
-            train=True,
-            key=_aug_key(cfg.seed, epoch),
-            workers=cfg.data.workers,
-            pin_memory=device.type == "cuda",
-        )
-        noise_key = _noise_key(cfg.seed, epoch) if cfg.noise == "per-sample" else None
-        saved_acc = state["acc"]
-        n_steps = int(saved_acc.get("n", 0))
-        acc_t = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in saved_acc.items() if k != "n"}
-        bar = progress(steps_per_epoch, f"{cfg.method} epoch {epoch + 1}/{cfg.optim.epochs}")
-        bar.update(state["pos"])
-        pending = 0
-        t0 = time.perf_counter()
-        with train_mode(train_model):
-            while state["pos"] < steps_per_epoch:
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(state["step"], steps_per_epoch, cfg)
-                opt.zero_grad(set_to_none=True)
-                loss_sum = torch.zeros((), device=device)
-                step_metrics: dict[str, Tensor] = {}
-                for a in range(accum):
-                    idx, x, y = next(stream)
-                    x = x.to(device, non_blocking=True)
-                    y = y.to(device, non_blocking=True)
-                    if cfg.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    ctx = BatchContext(
-                        indices=idx.to(device),
-                        noise_key=noise_key,
-                        step=state["step"],
-                        static_models=static_models,
-                        module=raw,
-                    )
-                    no_sync = world.active and a < accum - 1
-                    with train_model.no_sync() if no_sync else nullcontext():  # type: ignore[operator]
-                        with autocast():
-                            loss, metrics = loss_fn(train_model, x, y, cfg.loss, ctx)
-                        if parts == 1:
-                            loss.backward()
-                            weight = 1.0
-                        else:
-                            # DDP averages over processes; each micro-batch is 1/parts of the global batch
-                            weight = 1.0 / parts
-                            scale = world.world_size if cfg.loss.ce_reduction == "sum" else 1.0 / accum
-                            (loss * scale).backward()
-                    loss_sum = loss_sum + loss.detach().float() * weight
-                    for k, v in metrics.items():
-                        step_metrics[k] = step_metrics.get(k, 0.0) + v.detach().double() * weight
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), float("inf"))
-                finite_t = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-                if cfg.on_nonfinite == "skip":
-                    finite = bool(finite_t)  # exact skipping needs the answer now: one sync per step
-                else:
-                    first_bad = torch.where(
-                        ~finite_t & (first_bad < 0), torch.full_like(first_bad, state["step"]), first_bad
-                    )
-                    finite = True
-                if not finite:
-                    state["skipped"] += 1
-                    log(f"skipped batch {state['pos']} of epoch {epoch + 1}: non-finite loss or gradient")
-                else:
-                    opt.step()
-                    if ema is not None:
-                        update_ema(ema, raw, ema_decay_at(cfg.ema_decay, cfg.ema_schedule, state["step"]))
-                    n_steps += 1
-                    for k, v in {"loss": loss_sum.double(), **step_metrics}.items():
-                        acc_t[k] = acc_t[k] + v if k in acc_t else v
-                state["pos"] += 1
-                state["step"] += 1
-                steps_this_call += 1
-                pending += 1
-                last_step = stop_after_steps is not None and steps_this_call >= stop_after_steps
-                due = cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0
-                if pending >= cfg.log_every or due or last_step or state["pos"] == steps_per_epoch:
-                    check_finite()
-                    shown = {"loss": float(loss_sum)}
-                    if "acc" in step_metrics:
-                        shown["acc"] = float(step_metrics["acc"])
-                    bar.update(pending, **shown)
-                    if writer is not None:
-                        writer.add_scalar("train/loss_step", shown["loss"], state["step"])
-                    pending = 0
-                if due and state["pos"] < steps_per_epoch:
-                    state["train_seconds"] += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    checkpoint()
-                if last_step:
-                    bar.close()
-                    state["train_seconds"] += time.perf_counter() - t0
-                    if not due:
-                        checkpoint()
-                    return TrainResult(out_dir, raw.eval(), state["history"], state["train_seconds"])
-        bar.close()
-        state["train_seconds"] += time.perf_counter() - t0
-        sums = reduced_acc()
-        n = max(n_steps, 1)
-        record = {
-            "epoch": epoch + 1,
-            "step": state["step"],
-            "lr": lr_at(state["step"] - 1, steps_per_epoch, cfg),
-        }
-        record.update({f"train_{k}": v / n for k, v in sums.items()})
-        evaluated = ema_model(raw, ema) if cfg.export_weights == "ema" else raw
-        with torch.no_grad():
-            record.update(validate(evaluated.eval(), splits, cfg, device))
-        record["skipped_batches"] = state["skipped"]
-        record["train_seconds"] = state["train_seconds"]
-        collapsed = False
-        if guard > 0 and state["history"] and "val_pgd" in record and "val_pgd" in state["history"][-1]:
-            drop = 100.0 * (state["history"][-1]["val_pgd"] - record["val_pgd"])
-            if drop > guard and prev_weights is not None:
-                collapsed = True
-                record["overfit_guard"] = f"val_pgd fell {drop:.1f} points (> {guard:g}): stopped, epoch {epoch} kept"
-                log(
-                    f"catastrophic overfitting guard: PGD accuracy on the held-out batch fell {drop:.1f} points "
-                    f"in epoch {epoch + 1} (> {guard:g}); training stops and the weights of epoch {epoch} are kept"
-                )
-        state["history"].append(record)
-        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        if writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)):
-                    writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-            writer.flush()
-        key = {"best-robust": "val_robust" if cfg.val_suite else "val_pgd", "best-clean": "val_clean"}.get(cfg.select)
-        if not collapsed and key and key in record and (state["best"] is None or record[key] > state["best"][1]):
-            state["best"] = [epoch + 1, record[key]]
-            best_weights = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
-        if collapsed:
-            state["stopped"] = epoch  # the epoch whose weights are kept
-            state["epoch"] = cfg.optim.epochs
-        else:
-            if guard > 0:
-                prev_weights = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
-            state["epoch"] = epoch + 1
-        state.update(pos=0, acc={})
-        acc_t, n_steps = {}, 0  # the checkpoint below starts the next epoch with empty sums
-        if world.is_main:
-            checked_write(
-                write_text, out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"])
-            )
-        checkpoint()
 
-    final = ema_model(raw, ema) if cfg.export_weights == "ema" else raw
-    if state.get("stopped") is not None and prev_weights is not None:
-        final = ema_model(raw, prev_weights)
-    elif best_weights is not None:
-        final = ema_model(raw, best_weights)
-    if writer is not None:
-        writer.close()
-    if world.is_main:
-        meta = {
-            "model": spec,
-            "dataset": cfg.data.dataset,
-            "method": cfg.method,
-            "eps": cfg.loss.eps,
-            "config": to_dict(cfg),
-            "metrics": state["history"][-1] if state["history"] else {},
-            "selected": {
-                "rule": cfg.select,
-                "epoch": state["best"][0] if state["best"] else state.get("stopped") or len(state["history"]),
-            },
-            "weights": "ema" if ema is not None and cfg.export_weights == "ema" else "raw",
-            "static_models": static_record,
-            "train_seconds": state["train_seconds"],
-            "version": __version__,
-        }
-        export_model(out_dir, final.to("cpu"), meta)
-        summary = {"train_seconds": state["train_seconds"], "history": state["history"],
-                   "steps": state["step"], "skipped_batches": state["skipped"], "world_size": world.world_size}  # fmt: skip
-        checked_write(write_json, out_dir / "train.json", summary)
-    D.barrier(world)
-    return TrainResult(out_dir, final.eval(), state["history"], state["train_seconds"])
+class _Clock:
+    """Adds the time spent training to ``state.train_seconds`` (validation excluded)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def lap(self, state: LoopState) -> None:
+        state.train_seconds += time.perf_counter() - self.t0
+        self.t0 = time.perf_counter()
+
+
+class _Shown:
+    """The progress bar and TensorBoard of one epoch; step values are read at host syncs only."""
+
+    def __init__(self, bar: Bar, writer: Any) -> None:
+        self.bar, self.writer, self.pending = bar, writer, 0
+
+    def show(self, result: StepResult, step: int) -> None:
+        shown = {"loss": float(result.loss)}
+        if "acc" in result.metrics:
+            shown["acc"] = float(result.metrics["acc"])
+        self.bar.update(self.pending, **shown)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss_step", shown["loss"], step)
+        self.pending = 0
+
+
+def _train_epoch(run: _Run) -> EpochSums | None:
+    """The rest of the current epoch: its metric sums, or None when the call's step budget ran
+    out (after a checkpoint)."""
+    cfg, env, state = run.cfg, run.env, run.state
+    batches = epoch_batches(cfg, run.splits.train, env.world, env.device, state.epoch, env.steps_per_epoch, state.pos)
+    noise = noise_key(cfg.seed, state.epoch) if cfg.noise == "per-sample" else None
+    sums = EpochSums(env.device, state.acc)
+    shown = _Shown(
+        run.progress(env.steps_per_epoch, f"{cfg.method} epoch {state.epoch + 1}/{cfg.optim.epochs}"), run.writer
+    )
+    shown.bar.update(state.pos)
+    clock = _Clock()
+    with train_mode(env.model):
+        while state.pos < env.steps_per_epoch:
+            result = train_step(env, batches, step=state.step, noise_key=noise, ema=run.snaps.ema, watch=run.watch)
+            _count(run, result, sums)
+            if _after_step(run, result, sums, shown, clock):
+                return None
+    shown.bar.close()
+    clock.lap(state)
+    return sums
+
+
+def _count(run: _Run, result: StepResult, sums: EpochSums) -> None:
+    state = run.state
+    if result.applied:
+        sums.add(result.loss, result.metrics)
+    else:
+        state.skipped += 1
+        run.log(f"skipped batch {state.pos} of epoch {state.epoch + 1}: non-finite loss or gradient")
+    state.pos += 1
+    state.step += 1
+    run.steps_this_call += 1
+
+
+def _after_step(run: _Run, result: StepResult, sums: EpochSums, shown: _Shown, clock: _Clock) -> bool:
+    """Host sync, progress and mid-epoch checkpoint when due; True when the call's step budget
+    is spent (the run is checkpointed first)."""
+    cfg, state, steps = run.cfg, run.state, run.env.steps_per_epoch
+    shown.pending += 1
+    last_step = run.stop_after_steps is not None and run.steps_this_call >= run.stop_after_steps
+    due = cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0
+    if shown.pending >= cfg.log_every or due or last_step or state.pos == steps:
+        run.watch.check(steps, run.ckpt_root)
+        shown.show(result, state.step)
+    if due and state.pos < steps:
+        clock.lap(state)
+        _checkpoint(run, sums)
+    if not last_step:
+        return False
+    shown.bar.close()
+    clock.lap(state)
+    if not due:
+        _checkpoint(run, sums)
+    return True
+
+
+def _end_epoch(run: _Run, sums: EpochSums) -> None:
+    """Validation, the end-of-epoch policies, the epoch's record (history, log, metrics.jsonl,
+    TensorBoard), and the checkpoint that starts the next epoch."""
+    cfg, env, state = run.cfg, run.env, run.state
+    epoch = state.epoch
+    record: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "step": state.step,
+        "lr": lr_at(state.step - 1, env.steps_per_epoch, cfg),
+    }
+    record.update({f"train_{k}": v / max(sums.n, 1) for k, v in sums.reduced(env.world).items()})
+    evaluated = ema_model(env.module, run.snaps.ema) if cfg.export_weights == "ema" else env.module
+    with torch.no_grad():
+        record.update(validate(evaluated.eval(), run.splits, cfg, env.device))
+    record["skipped_batches"] = state.skipped
+    record["train_seconds"] = state.train_seconds
+    end = EpochEnd(epoch=epoch, record=record, model=evaluated, state=state, snaps=run.snaps, log=run.log)
+    for policy in run.policies:
+        policy.end_epoch(end)
+    state.history.append(record)
+    run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    _epoch_scalars(run.writer, record, epoch)
+    state.epoch = cfg.optim.epochs if end.stop else epoch + 1
+    state.pos, state.acc = 0, {}
+    if env.world.is_main:
+        lines = "".join(json.dumps(r) + "\n" for r in state.history)
+        checked_write(write_text, run.out_dir / "metrics.jsonl", lines)
+    _checkpoint(run, EpochSums(env.device))  # the next epoch starts with empty sums
+
+
+def _epoch_scalars(writer: Any, record: dict[str, Any], epoch: int) -> None:
+    if writer is None:
+        return
+    for k, v in record.items():
+        if isinstance(v, (int, float)):
+            writer.add_scalar(f"epoch/{k}", v, epoch + 1)
+    writer.flush()
+
+
+def _checkpoint(run: _Run, sums: EpochSums) -> None:
+    """Write a checkpoint (rank 0; every rank takes part in summing the epoch's metrics)."""
+    acc = sums.saved(run.env.world)
+    if not run.env.world.is_main:
+        return
+    files, meta = checkpoint_payload(run.env.module, run.env.opt, run.state, run.snaps, acc, run.spec, run.cfg)
+    save_checkpoint(run.ckpt_root, run.state.step, files, meta)
 
 
 def _move_optimizer(opt: torch.optim.Optimizer, device: torch.device) -> None:
     for st in opt.state.values():
         for k, v in st.items():
-            if isinstance(v, Tensor) and v.device != device and v.dim() > 0:
+            if isinstance(v, torch.Tensor) and v.device != device and v.dim() > 0:
                 st[k] = v.to(device)
 
 

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from logitpair.checkpoint import prune, remove_stale
+from logitpair.checkpoint import latest_checkpoint, prune, remove_stale
 from logitpair.config import RunConfig, migrate, to_dict
 from logitpair.environment import environment
 from logitpair.errors import CheckpointError, ConfigError
@@ -46,7 +46,7 @@ def prepare_run_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool
     if resume:
         if cfg_path.is_file():
             try:
-                stored = migrate(json.loads(cfg_path.read_text()))  # a version-1 config.json in the current shape
+                stored = stored_config(cfg_path)
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"`resume`: cannot read {cfg_path} ({exc})") from None
             new = to_dict(cfg)
@@ -64,12 +64,34 @@ def prepare_run_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool
         log(f"resume: nothing saved in {out_dir} yet; starting the run from the beginning")
     elif out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
-            what = "a different run" if cfg_path.is_file() else "files"
-            raise ConfigError(f"`out` {out_dir}: directory holds {what}; pass `resume` to continue it or `overwrite`")
+            raise ConfigError(f"`out` {out_dir}: directory holds {_occupant(out_dir, cfg)}")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checked_write(write_json, cfg_path, to_dict(cfg))
     checked_write(write_json, out_dir / "env.json", environment())
+
+
+def stored_config(cfg_path: Path) -> Any:
+    """A run's ``config.json`` in the current shape (a version-1 config migrated)."""
+    return migrate(json.loads(cfg_path.read_text()))
+
+
+def _occupant(out_dir: Path, cfg: RunConfig) -> str:
+    """What the non-empty ``out_dir`` holds, and the options that go on from there."""
+    cfg_path = out_dir / "config.json"
+    if not cfg_path.is_file():
+        return "files; pass `resume` to continue it or `overwrite`"
+    try:
+        same = stored_config(cfg_path) == to_dict(cfg)
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        return "a different run; pass `resume` to continue it or `overwrite`"
+    if (out_dir / "train.json").is_file():
+        return "a finished run of the same config; pass `resume` to export it again or `overwrite` to train it again"
+    last = latest_checkpoint(out_dir / "checkpoints")
+    since = f"last checkpoint {last.name}" if last else "no checkpoint yet"
+    return f"an unfinished run of the same config ({since}); pass `resume` to continue it or `overwrite` to start again"
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
