@@ -1,6 +1,9 @@
 """Evaluate a run directory: clean, white-box and black-box accuracy, written next to the run.
 
-Writes ``evaluation.json`` and ``evaluation.md`` into the run directory (atomically).
+With ``write=True`` (the CLI) :func:`evaluate_run` writes ``evaluation.json`` and ``evaluation.md``
+into the run directory (atomically) and keeps its resumable state in ``RUN/eval-state/`` (the
+evaluation cache, :mod:`logitpair.evaluation.cache`); black-box accuracy comes from
+:func:`~logitpair.evaluation.blackbox.black_box`.
 :func:`test_points` loads a run's test points (with the run's dataset options). The paper's
 targeted ImageNet protocol is :mod:`logitpair.evaluation.targeted`.
 """

@@ -16,15 +16,17 @@ attacked as well (other seeds), so a target never sees a clean image in place of
 one. A source may be any module, e.g. :class:`~logitpair.models.ensemble.EnsembleLogits` (mean logits
 of several models, the ensemble of Dong et al. 2018 and Tramèr et al. 2018).
 
-With ``state_dir`` the crafted examples are stored per source (safetensors, written
-atomically) under a fingerprint of the source's weights, the attack, the threat, the points, the
+With ``state_dir`` the crafted examples are stored per source in the evaluation cache
+(:mod:`logitpair.evaluation.cache`: safetensors, written atomically, the crafting resumable per
+batch) under a fingerprint of the source's weights, the attack, the threat, the points, the
 seed and the batch size, and reused by a later call with the same settings. Example::
 
     res = transfer_matrix({"alp": alp, "mpgd": mpgd}, x, y, attack=pgd_spec(40, 2), threat=Linf(0.1), seed=0)
     res.to_dict()["robust"]["mpgd"]["alp"]   # {"value": ..., "n": ..., "ci95": [lo, hi]}
 
 :func:`transfer_runs` backs ``logitpair transfer`` (run directories in, ``transfer.json``,
-``transfer.md`` and ``transfer.png`` out).
+``transfer.md`` and ``transfer.png`` out when told to write). Each entry is
+:func:`~logitpair.evaluation.blackbox.black_box` on the examples crafted on the source.
 """
 
 from __future__ import annotations

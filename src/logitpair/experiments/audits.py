@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from logitpair.audit import audit_run
+from logitpair.experiments.presets import Row
+from logitpair.experiments.scales import Plan
 from logitpair.io import sha256_file, write_json
 from logitpair.progress import ProgressFactory
 
-if TYPE_CHECKING:
-    from logitpair.experiments.presets import Row
-    from logitpair.experiments.reproduce import ReproduceOptions
-    from logitpair.experiments.scales import Plan
+
+class _Seeded(Protocol):
+    seed: int  # the evaluation seed (``ReproduceOptions.seed``)
 
 
 def _saved(cache: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -32,7 +33,7 @@ def _saved(cache: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return saved["result"] if saved.get("key") == key else None
 
 
-def row_audit(dirs: dict[str, Path], row: Row, plan: Plan, data_dir: str | None, opts: ReproduceOptions,
+def row_audit(dirs: dict[str, Path], row: Row, plan: Plan, data_dir: str | None, opts: _Seeded,
               device: torch.device | None, progress: ProgressFactory) -> dict[str, Any]:  # fmt: skip
     """The quick gradient-masking audit of one row (with its black-box source for the transfer
     check): verdict, failed checks, reasons; reused from ``reproduce-audit.json`` for the same key."""

@@ -27,7 +27,7 @@ from typing import Any
 
 from logitpair.errors import ConfigError
 from logitpair.evaluation.spec import AttackSpec
-from logitpair.experiments.protocols import PROTOCOLS
+from logitpair.experiments.metricsets import METRICS, Metric
 from logitpair.registry import Registry
 
 ROLES = ("row", "source", "static")
@@ -180,8 +180,8 @@ class Preset:
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"preset {self.name}: protocol must be one of {', '.join(PROTOCOLS)}")
+        if self.protocol not in METRICS:
+            raise ConfigError(f"preset {self.name}: protocol must be one of {', '.join(METRICS)}")
         self._check_rows()
         self._check_metrics()
 
@@ -215,12 +215,16 @@ class Preset:
             self._check_metric(table[c.b], c.other_metric, "comparison")
 
     def _check_metric(self, row: Row, key: str, where: str) -> None:
-        measured = [m.key for m in PROTOCOLS.get(self.protocol).metrics(self, row)]
+        measured = [m.key for m in self.metrics(row)]
         if key not in measured:
             raise ConfigError(
                 f"preset {self.name}: {where} metric {key!r} is not measured by protocol {self.protocol} for row "
                 f"{row.name} (its metrics: {', '.join(measured)})"
             )
+
+    def metrics(self, row: Row) -> tuple[Metric, ...]:
+        """What the preset's protocol measures for ``row`` (:mod:`logitpair.experiments.metricsets`)."""
+        return METRICS[self.protocol].for_row([r.name for r in self.rows], bool(row.source))
 
     def row(self, name: str) -> Row:
         for r in self.rows:

@@ -1,10 +1,11 @@
 """The evaluation protocols of ``logitpair reproduce``, behind one interface.
 
-A :class:`Protocol` declares the metrics it measures for a row of a preset (:class:`Metric`: the
-key of ``results.json`` and the label of the report), evaluates one seed's table rows
+A :class:`Protocol` measures the metrics declared for it in :mod:`logitpair.experiments.metricsets`
+(:class:`~logitpair.experiments.metricsets.Metric`: the key of ``results.json`` and the label of
+the report), evaluates one seed's table rows
 (:meth:`Protocol.evaluate` -> :class:`ProtocolOutcome`, per-example flags per row and metric) and
-writes its own part of the report. The presets are checked against these declarations when they
-are registered (:mod:`logitpair.experiments.presets`), so a misspelt metric fails at import.
+writes its own part of the report. The presets are checked against the same declarations when
+they are registered (:mod:`logitpair.experiments.presets`), so a misspelt metric fails at import.
 
 - ``untargeted`` (MNIST / SVHN tables): clean, the paper's attack, the worst case over it and the
   strong suite, black box from the row's source (crafted once per source, :func:`black_box`).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,24 +32,15 @@ from logitpair.evaluation.blackbox import black_box, craft
 from logitpair.evaluation.run import test_points
 from logitpair.evaluation.targeted import targeted_protocol
 from logitpair.evaluation.transfer import transfer_matrix
+from logitpair.experiments.metricsets import METRICS, Metric
+from logitpair.experiments.presets import Preset, Row
+from logitpair.experiments.scales import Plan
 from logitpair.progress import Logger, ProgressFactory
 from logitpair.registry import Registry
 from logitpair.report import markdown_table, pct_ci
 from logitpair.threat import Linf
 
-if TYPE_CHECKING:
-    from logitpair.experiments.presets import Preset, Row
-    from logitpair.experiments.scales import Plan
-
 Flags = dict[str, Tensor]  # metric key -> per-example flags of one row
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A figure a protocol measures per row: its key in ``results.json`` and its label in the report."""
-
-    key: str
-    label: str
 
 
 @dataclass
@@ -107,15 +99,14 @@ class Protocol:
     name = ""
     targeted = False  # records the long attack and the targeted suite
     summary = ""  # one line for ``logitpair reproduce --list``
-    _metrics: tuple[Metric, ...] = ()
 
     def metrics(self, preset: Preset, row: Row) -> tuple[Metric, ...]:
-        """Everything this protocol measures for ``row`` of ``preset``."""
-        return self._metrics
+        """Everything this protocol measures for ``row`` of ``preset`` (its declaration in ``METRICS``)."""
+        return preset.metrics(row)
 
     def label(self, key: str) -> str:
         """The report's label of metric ``key`` (the key itself when unknown)."""
-        return next((m.label for m in self._metrics if m.key == key), key)
+        return METRICS[self.name].label(key)
 
     def describe(self, preset: Preset) -> str:
         return self.summary
@@ -141,16 +132,6 @@ class Protocol:
 class Untargeted(Protocol):
     name = "untargeted"
     summary = "white box (the paper's attack), worst case with the strong suite, black box, clean"
-    _metrics = (
-        Metric("clean", "Clean"),
-        Metric("white_box", "White box: the paper's attack"),
-        Metric("strong", "White box: worst case, the paper's attack + strong suite"),
-        Metric("black_box", "Black box (accuracy on the transferred examples)"),
-        Metric("black_box_robust", "Black box, robust (correct clean and transferred)"),
-    )
-
-    def metrics(self, preset: Preset, row: Row) -> tuple[Metric, ...]:
-        return self._metrics if row.source else self._metrics[:3]
 
     def evaluate(self, runs: SeedRuns) -> ProtocolOutcome:
         plan, crafted = runs.plan, {}
@@ -190,30 +171,6 @@ class Targeted(Protocol):
     name = "targeted"
     targeted = True
     summary = "targeted protocol: the paper's attack, long targeted PGD, targeted suite; top-1/top-5"
-    _metrics = (
-        Metric("clean_top1", "Clean top-1"),
-        Metric("clean_top5", "Clean top-5"),
-        Metric("wb_top1", "Paper's attack top-1"),
-        Metric("wb_top5", "Paper's attack top-5"),
-        Metric("wb_success", "Paper's attack success"),
-        Metric("long_top1", "Long targeted PGD top-1"),
-        Metric("long_top5", "Long targeted PGD top-5"),
-        Metric("long_success", "Long targeted PGD success"),
-        Metric("suite_top1", "Targeted suite top-1"),
-        Metric("suite_top5", "Targeted suite top-5"),
-        Metric("suite_success", "Targeted suite success"),
-        Metric("worst_top1", "Worst case top-1"),
-        Metric("worst_top5", "Worst case top-5"),
-        Metric("worst_success", "Targeted success, any attack"),
-        Metric("untargeted_top1", "Untargeted worst case top-1 (extra)"),
-        Metric("untargeted_top5", "Untargeted worst case top-5 (extra)"),
-        Metric("bb_top1", "Black box top-1"),
-        Metric("bb_top5", "Black box top-5"),
-        Metric("bb_success", "Black box success"),
-    )
-
-    def metrics(self, preset: Preset, row: Row) -> tuple[Metric, ...]:
-        return self._metrics if row.source else self._metrics[:-3]
 
     def describe(self, preset: Preset) -> str:
         return self.summary + ("; black box" if any(r.source for r in preset.table_rows) else "")
@@ -280,19 +237,6 @@ class Targeted(Protocol):
 class TransferMatrix(Protocol):
     name = "transfer"
     summary = "source x target transfer matrix"
-
-    def metrics(self, preset: Preset, row: Row) -> tuple[Metric, ...]:
-        out = [Metric("clean", "Clean")]
-        for s in preset.rows:
-            out += [Metric(f"from_{s.name}", self.label(f"from_{s.name}")),
-                    Metric(f"from_{s.name}_robust", self.label(f"from_{s.name}_robust"))]  # fmt: skip
-        return tuple(out)
-
-    def label(self, key: str) -> str:
-        if key.startswith("from_"):
-            src = key[5:].removesuffix("_robust")
-            return f"transferred from {src}" + (" (robust)" if key.endswith("_robust") else "")
-        return "Clean" if key == "clean" else key
 
     def evaluate(self, runs: SeedRuns) -> ProtocolOutcome:
         plan = runs.plan
