@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
         attacks=tuple(parse_attacks(args.attacks)) if args.attacks else (),
         save_adversarial=args.save_adversarial, resume=not args.no_resume, device=args.device,
     )  # fmt: skip
-    ev = evaluate_run(args.run, opts, source=args.source, progress=make_progress(quiet(args)))
+    ev = evaluate_run(args.run, opts, source=args.source, progress=make_progress(quiet(args)), write=True)
     if args.json:
         print(json.dumps(ev, indent=2))
     else:

@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
         ensembles[name] = members
     opts = TransferOptions(n=args.n, eps=args.eps, attack=attack, seed=args.seed, batch_size=args.batch_size,
                            data_dir=args.data_dir, resume=not args.no_resume)  # fmt: skip
-    doc = transfer_runs(args.runs, opts, ensembles=ensembles, out=args.out, progress=make_progress(quiet(args)))
+    doc = transfer_runs(
+        args.runs, opts, ensembles=ensembles, out=args.out, progress=make_progress(quiet(args)), write=True
+    )
     print(json.dumps(doc, indent=2) if args.json else transfer_markdown(doc))
     return 0
 

@@ -1,10 +1,12 @@
 """Evaluation: the protocol (ordered attacks, survivors only, per-example record, resumable),
-the named suites, evaluating a run directory, and transfer studies (source x target matrices).
+the named suites, evaluating a run directory, transfer studies (source x target matrices), the
+one black-box evaluation (``black_box``) and the one evaluation cache (``cache.py``).
 
 ``evaluate(model, x, y, threat=..., suite="standard")`` is the public entry point
 (also ``logitpair.evaluate``); ``evaluate_run(run_dir, opts)`` backs ``logitpair evaluate``.
 """
 
+from logitpair.evaluation.blackbox import BlackBoxResult, black_box, craft
 from logitpair.evaluation.protocol import ProtocolResult, accuracy_vs_eps, evaluate, run_protocol
 from logitpair.evaluation.run import EvalOptions, evaluate_run, evaluation_markdown, load_source, test_points
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
@@ -20,11 +22,14 @@ from logitpair.evaluation.transfer import (
 __all__ = [
     "SUITES",
     "AttackSpec",
+    "BlackBoxResult",
     "EvalOptions",
     "ProtocolResult",
     "TransferOptions",
     "TransferResult",
     "accuracy_vs_eps",
+    "black_box",
+    "craft",
     "evaluate",
     "evaluate_run",
     "evaluation_markdown",

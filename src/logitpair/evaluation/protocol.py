@@ -9,21 +9,19 @@ crafted on a separate source model and only evaluated on the target (black-box t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from logitpair.attacks import ATTACKS, attack_info
 from logitpair.attacks.common import model_device, predict, random_target
 from logitpair.errors import ConfigError
+from logitpair.evaluation.cache import EvalCache, Fingerprint, run_batches
 from logitpair.evaluation.gates import BatchSignals, has_gates, wants_warm
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.evaluation.suites import get_suite
@@ -79,37 +77,41 @@ def _seed_for(seed: int, *parts: int) -> int:
 
 def _fingerprint(attacks: list[AttackSpec], threat: Linf, x: Tensor, y: Tensor, **settings: Any) -> str:
     """A digest of everything that determines the protocol's outcome, for resumable state."""
-    h = hashlib.sha256()
+    fp = Fingerprint()
     for key in ("model", "source"):  # the target's weights and, for transfer attacks, the source's
-        module = settings.pop(key, None)
-        for v in module.state_dict().values() if module is not None else ():
-            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps([a.to_dict() for a in attacks], sort_keys=True, default=str).encode())
-    h.update(json.dumps({"eps": threat.eps, "bounds": threat.bounds, **settings}, sort_keys=True, default=str).encode())
-    h.update(x.detach().cpu().contiguous().numpy().tobytes())
-    h.update(y.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+        fp.raw_weights(settings.pop(key, None))
+    fp.json([a.to_dict() for a in attacks])
+    fp.json({"eps": threat.eps, "bounds": threat.bounds, **settings})
+    return fp.tensors(x, y).hexdigest()
 
 
-def _load_state(path: Path | None, fingerprint: str) -> tuple[dict[str, Tensor], int]:
-    if path is None or not path.is_file():
-        return {}, 0
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("fingerprint") != fingerprint:
-                return {}, 0
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
-            return tensors, int(meta["done"])
-    except Exception:  # noqa: BLE001 - an unreadable state file just means starting over
-        return {}, 0
+def _fresh_state(n: int, x: Tensor, attacks: list[AttackSpec], *, targeted: bool, top5: bool,
+                 keep_adversarial: bool) -> dict[str, Tensor]:  # fmt: skip
+    """The protocol's per-example record before any batch."""
+    st = {
+        "clean1": torch.zeros(n, dtype=torch.bool),
+        "robust1": torch.zeros(n, dtype=torch.bool),
+        "broken_by": torch.full((n,), -1, dtype=torch.long),
+        "attacked": torch.zeros(len(attacks), dtype=torch.long),
+    }
+    if top5:
+        st["clean5"] = torch.zeros(n, dtype=torch.bool)
+        st["robust5"] = torch.zeros(n, dtype=torch.bool)
+    if targeted:
+        st["target"] = torch.zeros(n, dtype=torch.long)
+        st["hit"] = torch.zeros(n, dtype=torch.bool)
+    if keep_adversarial:
+        st["adv"] = x.detach().cpu().clone()
+    return st
 
 
-def _save_state(path: Path, tensors: dict[str, Tensor], fingerprint: str, done: int) -> None:
-    from logitpair.io import atomic_write
-
-    meta = {"fingerprint": fingerprint, "done": str(done)}
-    atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=meta))
+def _check_attacks(attacks: list[AttackSpec], source: nn.Module | None, targeted: bool) -> None:
+    if any(a.transfer for a in attacks) and source is None:
+        raise ValueError("a transfer attack needs a source model")
+    if targeted:
+        unsupported = [a.label for a in attacks if not attack_info(a.name).targeted]
+        if unsupported:
+            raise ConfigError(f"targeted evaluation: attacks {', '.join(unsupported)} have no targeted mode")
 
 
 def run_protocol(
@@ -145,46 +147,21 @@ def run_protocol(
     per-example results are saved after every batch and a rerun with the same settings
     continues where the last one stopped.
     """
-    if any(a.transfer for a in attacks) and source is None:
-        raise ValueError("a transfer attack needs a source model")
-    if targeted:
-        unsupported = [a.label for a in attacks if not attack_info(a.name).targeted]
-        if unsupported:
-            raise ConfigError(f"targeted evaluation: attacks {', '.join(unsupported)} have no targeted mode")
+    _check_attacks(attacks, source, targeted)
     n = len(x)
-    state_path = Path(state_path) if state_path is not None else None
     fp = _fingerprint(attacks, threat, x, y, model=model, seed=seed, batch_size=batch_size, targeted=targeted, top5=top5,
                       keep_adversarial=keep_adversarial, transfer=source is not None, source=source,
                       device=str(model_device(model)))  # fmt: skip
-    st, done = _load_state(state_path, fp)
-    if not st:
-        st = {
-            "clean1": torch.zeros(n, dtype=torch.bool),
-            "robust1": torch.zeros(n, dtype=torch.bool),
-            "broken_by": torch.full((n,), -1, dtype=torch.long),
-            "attacked": torch.zeros(len(attacks), dtype=torch.long),
-        }
-        if top5:
-            st["clean5"] = torch.zeros(n, dtype=torch.bool)
-            st["robust5"] = torch.zeros(n, dtype=torch.bool)
-        if targeted:
-            st["target"] = torch.zeros(n, dtype=torch.long)
-            st["hit"] = torch.zeros(n, dtype=torch.bool)
-        if keep_adversarial:
-            st["adv"] = x.detach().cpu().clone()
+    cache = EvalCache(Path(state_path) if state_path is not None else None, fp)
     device = model_device(model)
-    bar = progress(n, desc)
-    bar.update(done)
-    for b, start in enumerate(range(0, n, batch_size)):
-        stop = min(start + batch_size, n)
-        if stop <= done:
-            continue
+
+    def step(b: int, start: int, stop: int, st: dict[str, Tensor]) -> None:
         xb, yb = x[start:stop].to(device), y[start:stop].to(device)
         _run_batch(model, source, xb, yb, attacks, threat, seed, b, start, st, targeted, top5)
-        done = stop
-        if state_path is not None:
-            _save_state(state_path, st, fp, done)
-        bar.update(stop - start)
+
+    bar = progress(n, desc)
+    fresh = partial(_fresh_state, n, x, attacks, targeted=targeted, top5=top5, keep_adversarial=keep_adversarial)
+    st = run_batches(n, batch_size, cache, fresh=fresh, step=step, bar=bar)
     bar.close()
     return ProtocolResult(
         clean_correct=st["clean1"], robust=st["robust1"], broken_by=st["broken_by"], attacks=list(attacks),

@@ -1,6 +1,9 @@
 """Evaluate a run directory: clean, white-box and black-box accuracy, written next to the run.
 
-Writes ``evaluation.json`` and ``evaluation.md`` into the run directory (atomically).
+With ``write=True`` (the CLI) :func:`evaluate_run` writes ``evaluation.json`` and ``evaluation.md``
+into the run directory (atomically) and keeps its resumable state in ``RUN/eval-state/`` (the
+evaluation cache, :mod:`logitpair.evaluation.cache`); black-box accuracy comes from
+:func:`~logitpair.evaluation.blackbox.black_box`.
 :func:`test_points` loads a run's test points (with the run's dataset options). The paper's
 targeted ImageNet protocol is :mod:`logitpair.evaluation.targeted`.
 """
@@ -8,7 +11,6 @@ targeted ImageNet protocol is :mod:`logitpair.evaluation.targeted`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -24,7 +26,9 @@ from logitpair.config import DataConfig, build
 from logitpair.data import load_dataset, take
 from logitpair.environment import parse_device
 from logitpair.errors import ConfigError
-from logitpair.evaluation.protocol import run_protocol
+from logitpair.evaluation.blackbox import black_box
+from logitpair.evaluation.cache import weights_digest
+from logitpair.evaluation.protocol import ProtocolResult, run_protocol
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.evaluation.suites import get_suite
 from logitpair.io import write_json, write_text
@@ -105,17 +109,6 @@ def load_source(source: str | Path | Sequence[str | Path], device: str | torch.d
     return models[0] if len(models) == 1 else EnsembleLogits(models)
 
 
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of a model's class, parameter names, shapes, dtypes and bytes (an ensemble's weights too)."""
-    h = hashlib.sha256(type(model).__qualname__.encode())
-    for k, v in model.state_dict().items():
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    h.update(repr(getattr(model, "weights", None)).encode())
-    return h.hexdigest()
-
-
 def strong_attacks(opts: EvalOptions) -> list[AttackSpec]:
     if opts.attacks:
         return list(opts.attacks)
@@ -132,79 +125,96 @@ def evaluate_run(
     *,
     source: str | Path | None = None,
     progress: ProgressFactory = null_progress,
-    write: bool = True,
+    write: bool,
 ) -> dict[str, Any]:
     """Clean accuracy, our PGD baseline (not the paper's attack), the worst case over the baseline and the
     strong suite (each attack only on points still robust) and, with ``source``, black-box
-    transfer accuracy, on the first ``opts.n`` test points. Resumable: per-example results
-    are saved in ``RUN/eval-state/`` after every batch."""
+    transfer accuracy, on the first ``opts.n`` test points. With ``write`` (and ``opts.resume``)
+    per-example results are saved in ``RUN/eval-state/`` after every batch (an interrupted
+    evaluation continues), and ``evaluation.json`` / ``evaluation.md`` are written into the run."""
     run_dir = Path(run_dir)
     device = parse_device(opts.device)
     model, info = load_run(run_dir, device=device, eps=opts.eps)
     src = load_source(source, device) if source is not None else None  # before any work: a bad source fails fast
-    eps = info.eps
-    threat = Linf(eps)
     x, y, dataset = test_points(info, opts.n, opts.data_dir)
-    baseline = pgd_spec(opts.steps, opts.restarts, opts.step_size)
-    white = [baseline, *strong_attacks(opts)]
     state_dir = run_dir / "eval-state" if (write and opts.resume and run_dir.is_dir()) else None
     if state_dir is not None:
         state_dir.mkdir(exist_ok=True)
-    common = {
-        "threat": threat,
-        "batch_size": opts.batch_size,
-        "seed": opts.seed,
-        "targeted": opts.targeted,
-        "top5": opts.top5,
-    }
+    threat = Linf(info.eps)
     t0 = time.perf_counter()
-    wb = run_protocol(
-        model, x, y, white, progress=progress, desc="white-box", keep_adversarial=opts.save_adversarial is not None,
-        state_path=state_dir / "white-box.safetensors" if state_dir else None, **common,
-    )  # fmt: skip
+    wb, baseline, white = _white_box(model, x, y, opts, threat, state_dir, progress)
     summary = wb.summary()
-    survived_baseline = wb.clean_correct & (wb.broken_by != 0)
     out: dict[str, Any] = {
         "run": str(run_dir),
         "dataset": dataset,
         "method": info.method,
         "n": len(y),
-        "eps": eps,
+        "eps": info.eps,
         "suite": None if opts.attacks else opts.suite,
         "device": str(device),
         "precision": "float32",  # attacks and evaluation never run under autocast
         "clean": summary["clean"],
-        "pgd": {**summarize(survived_baseline), "attack": baseline.to_dict()},
+        "pgd": {**summarize(wb.clean_correct & (wb.broken_by != 0)), "attack": baseline.to_dict()},
         "white_box": summary,
     }
     if src is not None:
-        runs = source_runs(source)
-        # the state file is keyed by the source's weights: the protocol's fingerprint covers the target only
-        bb_state = state_dir / f"black-box-{weights_digest(src)[:16]}.safetensors" if state_dir else None
-        bb = run_protocol(
-            model, x, y, [pgd_spec(opts.steps, opts.restarts, opts.step_size, transfer=True)], source=src,
-            progress=progress, desc="black-box", state_path=bb_state, **common,
-        )  # fmt: skip
-        out["black_box"] = {**bb.summary(), "source": ",".join(runs)}
-        if len(runs) > 1:
-            out["black_box"]["ensemble"] = runs
+        out["black_box"] = _black_box(model, src, source_runs(source), x, y, opts, threat, state_dir, progress)
     out["seconds"] = time.perf_counter() - t0
     if opts.save_adversarial:
-        from safetensors.torch import save_file
-
-        from logitpair.io import atomic_write
-
-        tensors = {"x_adv": wb.adversarial, "y": y, "robust": wb.robust, "broken_by": wb.broken_by}
-        atomic_write(
-            Path(opts.save_adversarial),
-            lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p),
-                                metadata={"eps": str(eps), "run": str(run_dir), "attacks": str([a.label for a in white])}),
-        )  # fmt: skip
+        _save_adversarial(Path(opts.save_adversarial), wb, y, info.eps, run_dir, white)
         out["adversarial_file"] = str(opts.save_adversarial)
     if write:
         write_json(run_dir / "evaluation.json", out)
         write_text(run_dir / "evaluation.md", evaluation_markdown(out))
     return out
+
+
+def _common(opts: EvalOptions, threat: Linf) -> dict[str, Any]:
+    return {"threat": threat, "batch_size": opts.batch_size, "seed": opts.seed, "targeted": opts.targeted,
+            "top5": opts.top5}  # fmt: skip
+
+
+def _white_box(
+    model: nn.Module, x: Tensor, y: Tensor, opts: EvalOptions, threat: Linf, state_dir: Path | None,
+    progress: ProgressFactory,
+) -> tuple[ProtocolResult, AttackSpec, list[AttackSpec]]:  # fmt: skip
+    """The PGD baseline then the strong attacks, in order; the result, the baseline and the list."""
+    baseline = pgd_spec(opts.steps, opts.restarts, opts.step_size)
+    white = [baseline, *strong_attacks(opts)]
+    wb = run_protocol(
+        model, x, y, white, progress=progress, desc="white-box", keep_adversarial=opts.save_adversarial is not None,
+        state_path=state_dir / "white-box.safetensors" if state_dir else None, **_common(opts, threat),
+    )  # fmt: skip
+    return wb, baseline, white
+
+
+def _black_box(
+    model: nn.Module, src: nn.Module, runs: list[str], x: Tensor, y: Tensor, opts: EvalOptions, threat: Linf,
+    state_dir: Path | None, progress: ProgressFactory,
+) -> dict[str, Any]:  # fmt: skip
+    """The baseline PGD crafted on the source per point the target gets right (:func:`black_box`)."""
+    # the state file is keyed by the source's weights: the protocol's fingerprint covers the target only
+    bb_state = state_dir / f"black-box-{weights_digest(src)[:16]}.safetensors" if state_dir else None
+    bb = black_box(
+        model, x, y, source=src, attack=pgd_spec(opts.steps, opts.restarts, opts.step_size, transfer=True),
+        progress=progress, desc="black-box", state_path=bb_state, **_common(opts, threat),
+    )  # fmt: skip
+    out = {**bb.summary(), "source": ",".join(runs)}
+    if len(runs) > 1:
+        out["ensemble"] = runs
+    return out
+
+
+def _save_adversarial(
+    path: Path, wb: ProtocolResult, y: Tensor, eps: float, run_dir: Path, white: list[AttackSpec]
+) -> None:
+    from safetensors.torch import save_file
+
+    from logitpair.io import atomic_write
+
+    tensors = {"x_adv": wb.adversarial, "y": y, "robust": wb.robust, "broken_by": wb.broken_by}
+    meta = {"eps": str(eps), "run": str(run_dir), "attacks": str([a.label for a in white])}
+    atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=meta))
 
 
 def baseline_note(attack: dict[str, Any]) -> str:

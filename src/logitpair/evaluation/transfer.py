@@ -16,40 +16,38 @@ attacked as well (other seeds), so a target never sees a clean image in place of
 one. A source may be any module, e.g. :class:`~logitpair.models.ensemble.EnsembleLogits` (mean logits
 of several models, the ensemble of Dong et al. 2018 and Tramèr et al. 2018).
 
-With ``state_dir`` the crafted examples are stored per source (safetensors, written
-atomically) under a fingerprint of the source's weights, the attack, the threat, the points, the
+With ``state_dir`` the crafted examples are stored per source in the evaluation cache
+(:mod:`logitpair.evaluation.cache`: safetensors, written atomically, the crafting resumable per
+batch) under a fingerprint of the source's weights, the attack, the threat, the points, the
 seed and the batch size, and reused by a later call with the same settings. Example::
 
     res = transfer_matrix({"alp": alp, "mpgd": mpgd}, x, y, attack=pgd_spec(40, 2), threat=Linf(0.1), seed=0)
     res.to_dict()["robust"]["mpgd"]["alp"]   # {"value": ..., "n": ..., "ci95": [lo, hi]}
 
 :func:`transfer_runs` backs ``logitpair transfer`` (run directories in, ``transfer.json``,
-``transfer.md`` and ``transfer.png`` out).
+``transfer.md`` and ``transfer.png`` out when told to write). Each entry is
+:func:`~logitpair.evaluation.blackbox.black_box` on the examples crafted on the source.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from logitpair.attacks import ATTACKS, attack_info, predict
+from logitpair.attacks import attack_info, predict
 from logitpair.checkpoint import load_model, run_info
 from logitpair.errors import ConfigError, LogitpairError
-from logitpair.evaluation.protocol import run_protocol
-from logitpair.evaluation.run import test_points, weights_digest
+from logitpair.evaluation.blackbox import black_box, craft
+from logitpair.evaluation.cache import EvalCache, Fingerprint, weights_digest
+from logitpair.evaluation.run import test_points
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.io import atomic_write, write_json, write_text
 from logitpair.metrics import summarize, topk_correct
@@ -59,6 +57,7 @@ from logitpair.report import markdown_table, pct_ci, plot_heatmaps
 from logitpair.threat import Linf
 
 FORMAT = "logitpair-transfer-1"
+_Flags = dict[str, dict[str, Tensor]]  # source -> target -> per-example flags
 
 
 @dataclass
@@ -119,65 +118,70 @@ def check_attack(spec: AttackSpec) -> None:
 def craft_fingerprint(source: nn.Module, attack: AttackSpec, threat: Linf, x: Tensor, y: Tensor, seed: int,
                       batch_size: int) -> str:  # fmt: skip
     """A digest of everything that determines the examples crafted on ``source``."""
-    h = hashlib.sha256(FORMAT.encode())
-    h.update(weights_digest(source).encode())
     arch = (getattr(source, "meta", None) or {}).get("model")
     settings = {"attack": attack.name, "params": attack.params, "eps": threat.eps, "bounds": threat.bounds,
                 "seed": seed, "batch_size": batch_size, "arch": arch, "shape": list(x.shape)}  # fmt: skip
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    h.update(x.detach().cpu().contiguous().numpy().tobytes())
-    h.update(y.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return Fingerprint(FORMAT).text(weights_digest(source)).json(settings).tensors(x, y).hexdigest()
 
 
-def _rest_seed(seed: int, b: int) -> int:
-    return zlib.crc32(repr(("transfer: clean-wrong points", seed, b)).encode()) & 0x7FFF_FFFF
-
-
-def craft(
-    source: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    attack: AttackSpec,
-    *,
-    threat: Linf,
-    seed: int = 0,
-    batch_size: int = 500,
-    state_path: Path | None = None,
-    progress: ProgressFactory = null_progress,
-    desc: str = "craft",
-) -> tuple[Tensor, Tensor]:
-    """Adversarial examples for all points on ``source``; returns ``(x_adv, source_clean_correct)``.
-
-    The points ``source`` classifies correctly are attacked by ``run_protocol`` itself (same
-    batches and seeds as a white-box evaluation); the others afterwards in batches of their own.
-    """
-    res = run_protocol(source, x, y, [attack], threat=threat, seed=seed, batch_size=batch_size,
-                       keep_adversarial=True, state_path=state_path, progress=progress, desc=desc)  # fmt: skip
-    x_adv = res.adversarial.to(x.device, copy=True)
-    wrong = (~res.clean_correct).nonzero().flatten()
-    fn = ATTACKS.get(attack.name)
-    for b, start in enumerate(range(0, len(wrong), batch_size)):
-        idx = wrong[start : start + batch_size]
-        gen = torch.Generator().manual_seed(_rest_seed(seed, b))
-        xa = fn(source, x[idx], y[idx], threat=threat, generator=gen, **attack.params)
-        if not bool(threat.contains(x[idx], xa).all()):
-            raise RuntimeError(f"attack {attack.label} left the threat model")
-        x_adv[idx] = xa.to(x_adv.dtype)
-    return x_adv, res.clean_correct
-
-
-def _load_crafted(path: Path, fingerprint: str, like: Tensor) -> Tensor | None:
-    if not path.is_file():
+def _load_crafted(cache: EvalCache, like: Tensor) -> Tensor | None:
+    """The stored examples when ``cache`` holds a complete set for points like ``like``."""
+    loaded = cache.load()
+    if loaded is None:
         return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("fingerprint") != fingerprint:
-                return None
-            x_adv = f.get_tensor("x_adv")
-    except Exception:  # noqa: BLE001 - an unreadable file just means crafting again
+    tensors, done = loaded
+    x_adv = tensors.get("x_adv")
+    if done != len(like) or x_adv is None or x_adv.shape != like.shape or x_adv.dtype != like.dtype:
         return None
-    return x_adv.to(like.device) if x_adv.shape == like.shape and x_adv.dtype == like.dtype else None
+    return x_adv.to(like.device)
+
+
+@dataclass(frozen=True)
+class _Crafting:
+    """How every source's examples are crafted: the attack and where they are stored."""
+
+    attack: AttackSpec
+    threat: Linf
+    seed: int
+    batch_size: int
+    state: Path | None
+    resume: bool
+    progress: ProgressFactory
+
+    def caches(self, fp: str) -> tuple[EvalCache, Path | None]:
+        """The finished examples' cache and the crafting protocol's partial state file."""
+        if self.state is None:
+            return EvalCache(None, fp), None
+        return EvalCache(self.state / f"{fp[:24]}.safetensors", fp), self.state / f"{fp[:24]}.partial.safetensors"
+
+    def examples(self, name: str, src: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """The examples crafted on ``src`` (stored ones when the fingerprint matches) and a record of them."""
+        t0 = time.perf_counter()
+        fp = craft_fingerprint(src, self.attack, self.threat, x, y, self.seed, self.batch_size)
+        done, partial = self.caches(fp)
+        x_adv = _load_crafted(done, x) if self.resume else None
+        reused = x_adv is not None
+        if x_adv is None:
+            x_adv = self._craft(name, src, x, y, done, partial)
+        info: dict[str, Any] = {"fingerprint": fp, "reused": reused, "seconds": round(time.perf_counter() - t0, 3)}
+        if done.path is not None:
+            info["file"] = str(done.path)
+        return x_adv, info
+
+    def _craft(self, name: str, src: nn.Module, x: Tensor, y: Tensor, done: EvalCache, partial: Path | None) -> Tensor:
+        if self.state is not None:
+            self.state.mkdir(parents=True, exist_ok=True)
+            if not self.resume and partial is not None:
+                partial.unlink(missing_ok=True)
+        x_adv, src_clean = craft(src, x, y, self.attack, threat=self.threat, seed=self.seed,
+                                 batch_size=self.batch_size, state_path=partial, progress=self.progress,
+                                 desc=f"craft on {name}")  # fmt: skip
+        meta = {"format": FORMAT, "source": name, "attack": json.dumps(self.attack.to_dict()),
+                "eps": repr(self.threat.eps), "seed": str(self.seed), "n": str(len(x))}  # fmt: skip
+        done.save({"x_adv": x_adv, "y": y, "source_clean": src_clean}, len(x), **meta)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        return x_adv
 
 
 def _is_member(target: nn.Module, source: nn.Module) -> bool:
@@ -220,55 +224,40 @@ def transfer_matrix(
     check_attack(attack)
     attack = replace(attack, transfer=False)
     all_sources = {**models, **extra}
-    state = Path(state_dir) if state_dir is not None else None
+    crafting = _Crafting(attack, threat, seed, batch_size, Path(state_dir) if state_dir is not None else None,
+                         resume, progress)  # fmt: skip
     adversarial: dict[str, Tensor] = {}
     crafted: dict[str, dict[str, Any]] = {}
     for name, src in all_sources.items():
-        t0 = time.perf_counter()
-        fp = craft_fingerprint(src, attack, threat, x, y, seed, batch_size)
-        path = state / f"{fp[:24]}.safetensors" if state is not None else None
-        partial = state / f"{fp[:24]}.partial.safetensors" if state is not None else None
-        x_adv = _load_crafted(path, fp, x) if (path is not None and resume) else None
-        reused = x_adv is not None
-        if x_adv is None:
-            if state is not None:
-                state.mkdir(parents=True, exist_ok=True)
-                if not resume:
-                    partial.unlink(missing_ok=True)
-            x_adv, src_clean = craft(src, x, y, attack, threat=threat, seed=seed, batch_size=batch_size,
-                                     state_path=partial, progress=progress, desc=f"craft on {name}")  # fmt: skip
-            if path is not None:
-                meta = {"fingerprint": fp, "format": FORMAT, "source": name, "attack": json.dumps(attack.to_dict()),
-                        "eps": repr(threat.eps), "seed": str(seed), "n": str(len(x))}  # fmt: skip
-                tensors = {"x_adv": x_adv.detach().cpu().contiguous(), "y": y.detach().cpu().contiguous(),
-                           "source_clean": src_clean.contiguous()}  # fmt: skip
-                atomic_write(path, lambda p, t=tensors, m=meta: save_file(t, str(p), metadata=m))
-                partial.unlink(missing_ok=True)
-        adversarial[name] = x_adv
-        crafted[name] = {"fingerprint": fp, "reused": reused, "seconds": round(time.perf_counter() - t0, 3)}
-        if path is not None:
-            crafted[name]["file"] = str(path)
-
-    bar = progress(len(models) * (1 + len(all_sources)), "evaluate transfer")
-    clean: dict[str, Tensor] = {}
-    plain: dict[str, dict[str, Tensor]] = {s: {} for s in all_sources}
-    robust: dict[str, dict[str, Tensor]] = {s: {} for s in all_sources}
-    relation: dict[str, dict[str, str]] = {s: {} for s in all_sources}
-    for t, target in models.items():
-        clean[t] = topk_correct(predict(target, x), y, 1).cpu()
-        bar.update(1)
-        for s, src in all_sources.items():
-            ok = topk_correct(predict(target, adversarial[s]), y, 1).cpu()
-            plain[s][t] = ok
-            robust[s][t] = clean[t] & ok
-            relation[s][t] = "white-box" if src is target else ("member" if _is_member(target, src) else "transfer")
-            bar.update(1)
-    bar.close()
+        adversarial[name], crafted[name] = crafting.examples(name, src, x, y)
+    clean, plain, robust, relation = _evaluate_targets(models, all_sources, adversarial, x, y, progress)
     return TransferResult(
         sources=list(all_sources), targets=list(models), clean=clean, plain=plain, robust=robust, relation=relation,
         attack=attack, threat=threat, seed=seed, batch_size=batch_size,
         adversarial={k: v.detach().cpu() for k, v in adversarial.items()}, crafted=crafted,
     )  # fmt: skip
+
+
+def _evaluate_targets(
+    models: Mapping[str, nn.Module], sources: Mapping[str, nn.Module], adversarial: Mapping[str, Tensor], x: Tensor,
+    y: Tensor, progress: ProgressFactory,
+) -> tuple[dict[str, Tensor], _Flags, _Flags, dict[str, dict[str, str]]]:  # fmt: skip
+    """Every target on every source's examples (:func:`black_box`): clean, plain, robust, relation."""
+    bar = progress(len(models) * (1 + len(sources)), "evaluate transfer")
+    clean: dict[str, Tensor] = {}
+    plain: dict[str, dict[str, Tensor]] = {s: {} for s in sources}
+    robust: dict[str, dict[str, Tensor]] = {s: {} for s in sources}
+    relation: dict[str, dict[str, str]] = {s: {} for s in sources}
+    for t, target in models.items():
+        clean[t] = topk_correct(predict(target, x), y, 1).cpu()
+        bar.update(1)
+        for s, src in sources.items():
+            bb = black_box(target, x, y, crafted=adversarial[s], clean=clean[t])
+            plain[s][t], robust[s][t] = bb.plain, bb.robust  # type: ignore[assignment]
+            relation[s][t] = "white-box" if src is target else ("member" if _is_member(target, src) else "transfer")
+            bar.update(1)
+    bar.close()
+    return clean, plain, robust, relation
 
 
 # --------------------------------------------------------------------------- run directories
@@ -313,6 +302,39 @@ def _check_common(models: Mapping[str, nn.Module], everything: Mapping[str, nn.M
     return values[0]
 
 
+def _check_runs(paths: list[str], ensembles: Mapping[str, list[str]]) -> list[str]:
+    """The runs' display names, after checking the runs and the ensembles' names and members."""
+    if not paths:
+        raise ConfigError("transfer: no runs given")
+    if len(set(paths)) != len(paths):
+        raise ConfigError(f"transfer: a run is given twice ({', '.join(paths)})")
+    names = _names(paths)
+    for name, members in ensembles.items():
+        if not name or not members or not all(members):
+            raise ConfigError(f"expected NAME=RUN+RUN, got {name}={'+'.join(members)}", option="ensemble")
+        if name in names:
+            raise ConfigError(f"name {name!r} is also a run's name; choose another", option="ensemble")
+    return names
+
+
+class _Loader:
+    """Each run directory loaded once (an ensemble member may also be a run)."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, nn.Module] = {}
+
+    def __call__(self, path: str) -> nn.Module:
+        key = str(Path(path).resolve())
+        if key not in self.loaded:
+            self.loaded[key] = load_model(path)
+        return self.loaded[key]
+
+    def ensemble(self, members: Sequence[str]) -> nn.Module:
+        """One run alone, several runs as the mean of their logits."""
+        models = [self(p) for p in members]
+        return models[0] if len(models) == 1 else EnsembleLogits(models)
+
+
 def transfer_runs(
     runs: Sequence[str | Path],
     opts: TransferOptions,
@@ -320,49 +342,29 @@ def transfer_runs(
     ensembles: Mapping[str, Sequence[str | Path]] | None = None,
     out: str | Path = "runs/transfer",
     progress: ProgressFactory = null_progress,
-    write: bool = True,
+    write: bool,
 ) -> dict[str, Any]:
     """Transfer study of run directories: every run is a source and a target; each entry of
     ``ensembles`` (name -> runs) is one more source, the mean logits of its runs (one run: that
-    model alone). Writes ``transfer.json``, ``transfer.md``, ``transfer.png`` and ``crafted/``
-    (the stored examples) into ``out``; every check runs before anything is written."""
-    if not runs:
-        raise ConfigError("transfer: no runs given")
+    model alone). With ``write`` it stores the crafted examples in ``out/crafted/`` (reused by a
+    rerun) and writes ``transfer.json``, ``transfer.md`` and ``transfer.png`` into ``out``; every
+    check runs before anything is written. Returns the ``transfer.json`` document."""
     paths = [str(r) for r in runs]
-    if len(set(paths)) != len(paths):
-        raise ConfigError(f"transfer: a run is given twice ({', '.join(paths)})")
     ensembles = {k: [str(r) for r in v] for k, v in (ensembles or {}).items()}
-    names = _names(paths)
-    for name, members in ensembles.items():
-        if not name or not members or not all(members):
-            raise ConfigError(f"expected NAME=RUN+RUN, got {name}={'+'.join(members)}", option="ensemble")
-        if name in names:
-            raise ConfigError(f"name {name!r} is also a run's name; choose another", option="ensemble")
-    loaded: dict[str, nn.Module] = {}
-
-    def get(path: str) -> nn.Module:
-        key = str(Path(path).resolve())
-        if key not in loaded:
-            loaded[key] = load_model(path)
-        return loaded[key]
-
+    names = _check_runs(paths, ensembles)
+    get = _Loader()
     models = {name: get(p) for name, p in zip(names, paths, strict=True)}
-    sources: dict[str, nn.Module] = {}
-    for name, members in ensembles.items():
-        member_models = [get(p) for p in members]
-        sources[name] = member_models[0] if len(member_models) == 1 else EnsembleLogits(member_models)
+    sources = {name: get.ensemble(members) for name, members in ensembles.items()}
     everything = {**models, **{f"{k} member {p}": get(p) for k, v in ensembles.items() for p in v}}
     eps = _check_common(models, everything, opts.eps)
     check_attack(opts.attack)
-    threat = Linf(eps)
-    first = models[names[0]]
-    x, y, dataset = test_points(first, opts.n, opts.data_dir)
+    x, y, dataset = test_points(models[names[0]], opts.n, opts.data_dir)
     out = Path(out)
     created = not out.exists()
     t0 = time.perf_counter()
     try:
         res = transfer_matrix(
-            models, x, y, attack=opts.attack, threat=threat, seed=opts.seed, sources=sources,
+            models, x, y, attack=opts.attack, threat=Linf(eps), seed=opts.seed, sources=sources,
             batch_size=opts.batch_size, state_dir=out / "crafted" if write else None, resume=opts.resume,
             progress=progress,
         )  # fmt: skip
@@ -379,11 +381,16 @@ def transfer_runs(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if write:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "transfer.png", lambda p: plot_transfer(p, doc))
-        write_text(out / "transfer.md", transfer_markdown(doc))
-        write_json(out / "transfer.json", doc)
+        write_transfer(out, doc)
     return doc
+
+
+def write_transfer(out: Path, doc: dict[str, Any]) -> None:
+    """``transfer.png``, ``transfer.md`` and ``transfer.json`` of a transfer document into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "transfer.png", lambda p: plot_transfer(p, doc))
+    write_text(out / "transfer.md", transfer_markdown(doc))
+    write_json(out / "transfer.json", doc)
 
 
 def plot_transfer(path: Path, doc: dict[str, Any]) -> None:

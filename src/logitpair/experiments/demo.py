@@ -25,6 +25,7 @@ from logitpair.data import load_dataset
 from logitpair.environment import environment
 from logitpair.errors import ConfigError
 from logitpair.evaluation import AttackSpec, accuracy_vs_eps, pgd_spec, run_protocol
+from logitpair.evaluation.blackbox import black_box
 from logitpair.evaluation.run import EvalOptions, baseline_note, evaluate_run
 from logitpair.io import replace_dir, write_json, write_text
 from logitpair.metrics import summarize
@@ -200,10 +201,9 @@ def _evaluate_job(
     splits = load_dataset("fashion-mnist", opts.data_dir, opts.val_size, 0)
     x, y = splits.test.x[:n], splits.test.y[:n]
     eval_opts = EvalOptions(n=n, eps=EPS, data_dir=opts.data_dir, suite="fast", attacks=opts.attacks, seed=opts.seed)
-    ev = evaluate_run(run_dir, eval_opts)
+    ev = evaluate_run(run_dir, eval_opts, write=True)
     model = load_model(run_dir)
-    clean_ok = predict(model, x).argmax(1) == y
-    black = clean_ok & (predict(model, x_transfer).argmax(1) == y)
+    black = black_box(model, x, y, crafted=x_transfer).robust
     ev["black_box"] = {**summarize(black), "attack": "PGD-40x2 on the source"}
     curve = accuracy_vs_eps(model, x[:CURVE_POINTS], y[:CURVE_POINTS], CURVE_EPS, steps=20)
     grid = run_protocol(model, x[:8], y[:8], [pgd_spec(40, 1)], threat=Linf(EPS), keep_adversarial=True)

@@ -27,9 +27,9 @@ from typing import Any
 
 from logitpair.errors import ConfigError
 from logitpair.evaluation.spec import AttackSpec
+from logitpair.experiments.metricsets import METRICS, Metric
 from logitpair.registry import Registry
 
-PROTOCOLS = ("untargeted", "targeted", "transfer")
 ROLES = ("row", "source", "static")
 
 
@@ -180,8 +180,13 @@ class Preset:
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"preset {self.name}: protocol must be one of {', '.join(PROTOCOLS)}")
+        if self.protocol not in METRICS:
+            raise ConfigError(f"preset {self.name}: protocol must be one of {', '.join(METRICS)}")
+        self._check_rows()
+        self._check_metrics()
+
+    def _check_rows(self) -> None:
+        """Unique names; static models before the rows that use them; sources that are rows."""
         names = [r.name for r in self.rows]
         if len(set(names)) != len(names):
             raise ConfigError(f"preset {self.name}: two rows share a name")
@@ -191,14 +196,35 @@ class Preset:
                     raise ConfigError(f"preset {self.name}: row {r.name}'s static model {dep} must come before it")
             if r.source and r.source not in names:
                 raise ConfigError(f"preset {self.name}: row {r.name}'s source {r.source} is not a row")
+
+    def _check_metrics(self) -> None:
+        """Every column, paper number and comparison names a metric the protocol measures for its row."""
         keys = {c.key for c in self.columns}
         for r in self.rows:
             unknown = set(r.paper) - keys
             if unknown:
                 raise ConfigError(f"preset {self.name}: row {r.name} has numbers for unknown columns {unknown}")
+        for r in self.table_rows:
+            for key in keys:
+                self._check_metric(r, key, "column")
+        table = {r.name: r for r in self.table_rows}
         for c in self.compare:
-            if c.a not in names or c.b not in names:
-                raise ConfigError(f"preset {self.name}: comparison {c} names an unknown row")
+            if c.a not in table or c.b not in table:
+                raise ConfigError(f"preset {self.name}: comparison {c} names a row that is not a table row")
+            self._check_metric(table[c.a], c.metric_a, "comparison")
+            self._check_metric(table[c.b], c.other_metric, "comparison")
+
+    def _check_metric(self, row: Row, key: str, where: str) -> None:
+        measured = [m.key for m in self.metrics(row)]
+        if key not in measured:
+            raise ConfigError(
+                f"preset {self.name}: {where} metric {key!r} is not measured by protocol {self.protocol} for row "
+                f"{row.name} (its metrics: {', '.join(measured)})"
+            )
+
+    def metrics(self, row: Row) -> tuple[Metric, ...]:
+        """What the preset's protocol measures for ``row`` (:mod:`logitpair.experiments.metricsets`)."""
+        return METRICS[self.protocol].for_row([r.name for r in self.rows], bool(row.source))
 
     def row(self, name: str) -> Row:
         for r in self.rows:
@@ -306,7 +332,7 @@ IMAGENET_ATTACK = PaperAttack(
 INCEPTION: dict[str, Any] = {"model": "inceptionv3", "data": {"image_size": 299}}
 RESNET101: dict[str, Any] = {"model": "resnet101", "data": {"image_size": 224}}
 
-_SOURCE_SMALL = {"optim": {"epochs": 1}}  # the demo's black-box source trains one epoch
+SOURCE_SMALL: dict[str, Any] = {"optim": {"epochs": 1}}  # the demo's black-box source trains one epoch
 
 
 def _mpgd(paper: Mapping[str, float], source: str = "mpgd-source", **kw: Any) -> Row:
@@ -318,7 +344,7 @@ def _alp(paper: Mapping[str, float], source: str = "mpgd-source", lam: float = 0
 
 
 MPGD_SOURCE = Row("mpgd-source", "M-PGD source (independently seeded)", "mpgd", role="source", seed=1,
-                  small=_SOURCE_SMALL)  # fmt: skip
+                  small=SOURCE_SMALL)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- Tables 1, 2, 7, 8
@@ -402,7 +428,7 @@ _TRAMER_OURS = (("ens-adv: step-l.l. on a source rotating over the current model
 _KURAKIN_OURS = (("Kurakin et al. 2017: step-l.l. on half the batch, λ 0.3, per-example ε ~ truncated normal "
                  "on [0, 16/255], the official optimiser"),)  # fmt: skip
 UNDEFENDED_SOURCE = Row("undefended-source", "undefended source (independently seeded)", "regular", role="source",
-                        seed=1, small=_SOURCE_SMALL,
+                        seed=1, small=SOURCE_SMALL,
                         ours=("black-box source: an independently seeded undefended model (no source model taken from the paper)",))  # fmt: skip
 
 register(

@@ -16,13 +16,12 @@ For a preset (:mod:`logitpair.experiments.presets`) and a scale, :func:`reproduc
 5. writes ``report.md``, ``results.json`` and ``comparison.png`` (the paper's numbers and ours
    side by side, N, 95% Wilson intervals, the spread over seeds) and the run directories.
 
-Scales: ``smoke`` keeps each architecture and method but runs on a few generated images per
-class in the dataset's real format (written into a temporary folder and read through the real
-loader), one training step of batch 2, one attack step and a shrunken suite and audit: it
-checks the pipeline, its numbers mean nothing. ``small`` is the demo's budget on a CPU:
-``lenet5``, Fashion-MNIST, the demo's epochs and training attack, 1,000 test points, the
-``fast`` (else ``quick``) suite, the quick audit, every substitution labelled in the report.
-``full`` uses the preset's settings (the paper's and the official code's where known).
+The parts: the scales (``smoke``, ``small``, ``full``: :mod:`logitpair.experiments.scales`, one
+object each, deciding the evaluation, the training configs and the substitutions the report
+lists), the protocols (``untargeted``, ``targeted``, ``transfer``:
+:mod:`logitpair.experiments.protocols`, one interface, each declaring its metrics), the row audit
+(:mod:`logitpair.experiments.audits`) and the report (:mod:`logitpair.experiments.report`). This
+module trains, runs those parts per seed and assembles ``results.json``.
 
 Outputs are built in ``.OUT.work`` next to ``OUT`` and swapped in when complete (an earlier
 ``OUT`` stays intact until then). At ``full`` scale an interrupted run keeps ``.OUT.work`` and
@@ -41,63 +40,30 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
-from logitpair.attacks import parse_official
-from logitpair.attacks.common import predict
-from logitpair.audit import AuditSettings, audit_run
-from logitpair.checkpoint import load_model, run_info
-from logitpair.config import RunConfig, loss_for, make_config, merge, migrate, to_dict
-from logitpair.data import DATASETS, load_dataset
+from logitpair.config import RunConfig, loss_for, make_config, migrate, to_dict
+from logitpair.data import DATASETS
 from logitpair.data.base import VAL_SIZE_MAX
 from logitpair.environment import environment
 from logitpair.errors import ConfigError
-from logitpair.evaluation import SUITES, AttackSpec, get_suite, pgd_spec, run_protocol
-from logitpair.evaluation.run import test_points
-from logitpair.evaluation.targeted import targeted_protocol
-from logitpair.evaluation.transfer import craft, plot_transfer, transfer_markdown, transfer_matrix
-from logitpair.experiments.presets import PRESETS, Preset, Row, long_attack
+from logitpair.evaluation.transfer import plot_transfer, transfer_markdown
+from logitpair.experiments.audits import row_audit as _audit
+from logitpair.experiments.presets import PRESETS, Preset, Row
+from logitpair.experiments.protocols import PROTOCOLS, Flags, SeedRuns, check_outcome
+from logitpair.experiments.report import plot_comparison, report_markdown
+from logitpair.experiments.scales import FOLDER_DATASETS, SCALES, Plan, plan_for
 from logitpair.experiments.smokedata import write_smoke_data
 from logitpair.experiments.stats import mcnemar, spread
-from logitpair.io import atomic_write, replace_dir, sha256_file, write_json, write_text
-from logitpair.metrics import summarize, topk_correct
+from logitpair.io import atomic_write, replace_dir, write_json, write_text
+from logitpair.metrics import summarize
 from logitpair.progress import Logger, ProgressFactory, null_log, null_progress
-from logitpair.report import markdown_table, pct_ci
-from logitpair.threat import Linf
 from logitpair.training import train
 from logitpair.training.distributed import env_world
-
-SCALES = ("smoke", "small", "full")
-SETTINGS_PAGE = "docs/PAPER_SETTINGS.md"  # every preset's settings with their sources (experiments.settings_page)
-FOLDER_DATASETS = ("imagenet", "tiny-imagenet")
-
-# --scale small: the demo's settings (logitpair.experiments.demo): LeNet-5, eps 0.1, training PGD
-# 7 steps of 0.025 (the methods' defaults), Adam, cosine, batch 128, 2 epochs (sources: 1)
-SMALL_EPS = 0.1
-SMALL_BASE: dict[str, Any] = {
-    "model": "lenet5", "loss": {"eps": SMALL_EPS}, "val_points": 500, "val_suite": "fast", "optim": {"epochs": 2}
-}  # fmt: skip
-SMALL_POINTS = 1000
-SMALL_FOLDER_SIZE = 32  # a folder dataset at --scale small is read at 32x32 (ours)
-AUDIT_POINTS = 200  # audit_run's default with the quick settings
-
-# --scale smoke: one step of everything
-SMOKE_POINTS = 4
-SMOKE_SUITE = (
-    AttackSpec("pgd", {"steps": 1, "restarts": 1}, "PGD-1 (smoke)"),
-    AttackSpec("square", {"queries": 2}, "Square (2 queries, smoke)"),
-)
-SMOKE_AUDIT = AuditSettings(
-    suite=SMOKE_SUITE, baseline=pgd_spec(1, 1), transfer=pgd_spec(1, 1, transfer=True), eps_factors=(1.0, 2.0),
-    sweep_steps=1, steps_series=(1, 2), restarts_series=(1, 2), restarts_steps=1, noise_samples=2,
-    surface_points=1, surface_grid=3,
-)  # fmt: skip
-SMOKE_AUDIT_POINTS = 2
 
 DATA_NEEDS = {
     "mnist": "MNIST: the four IDX files (train-images-idx3-ubyte[.gz], ...) via --data-dir",
@@ -133,12 +99,10 @@ class ReproduceOptions:
             raise ConfigError(f"expected one of {', '.join(SCALES)}, got {self.scale!r}", option="scale")
         if self.dataset is not None:
             DATASETS.get(self.dataset)
-        if self.seeds < 1:
-            raise ConfigError(f"expected >= 1, got {self.seeds}", option="seeds")
-        if self.n is not None and self.n < 1:
-            raise ConfigError(f"expected >= 1, got {self.n}", option="n")
-        if self.batch_size < 1:
-            raise ConfigError(f"expected >= 1, got {self.batch_size}", option="batch_size")
+        for option in ("seeds", "n", "batch_size"):
+            value = getattr(self, option)
+            if value is not None and value < 1:
+                raise ConfigError(f"expected >= 1, got {value}", option=option)
 
     @property
     def out_dir(self) -> Path:
@@ -146,89 +110,12 @@ class ReproduceOptions:
 
     @property
     def dataset_name(self) -> str:
-        if self.dataset:
-            return self.dataset
-        return "fashion-mnist" if self.scale == "small" else PRESETS.get(self.preset).dataset
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A preset at a scale: the evaluation's settings (the configs come from :func:`row_config`)."""
-
-    preset: Preset
-    scale: str
-    dataset: str
-    eps: float
-    n: int | None
-    paper: AttackSpec
-    long: AttackSpec
-    suite_name: str
-    suite: tuple[AttackSpec, ...]
-    targeted_suite: tuple[AttackSpec, ...]
-    audit: AuditSettings
-    audit_points: int
-    substitutions: tuple[str, ...]
-
-
-def small_suite_name() -> str:
-    """The strong suite at ``--scale small``: ``fast`` where it exists, else ``quick``."""
-    return "fast" if "fast" in SUITES else "quick"
+        return self.dataset or SCALES[self.scale].default_dataset(PRESETS.get(self.preset))
 
 
 def make_plan(opts: ReproduceOptions) -> Plan:
-    preset = PRESETS.get(opts.preset)
-    dataset = opts.dataset_name
-    subs: list[str] = []
-    if dataset != preset.dataset:
-        subs.append(f"dataset {dataset} instead of the paper's {preset.dataset} (ours)")
-    if opts.scale == "small":
-        eps = SMALL_EPS
-        models = sorted({r.small_model or "lenet5" for r in preset.rows})
-        subs.append(f"architecture {' / '.join(models)} instead of {preset.model} (ours; the demo's network)")
-        subs.append(
-            f"training as the demo: L∞ ε = {SMALL_EPS}, PGD 7 steps of 0.025 from a random start for M-PGD / ALP, "
-            "Adam lr 1e-3, cosine schedule, batch 128, 2 epochs (black-box sources 1 epoch), the demo's λ "
-            "(ALP / CLP 0.5, LSQ 0.05) (ours)"
-        )
-        if preset.eps != SMALL_EPS:
-            subs.append(f"the paper's attack with its step scaled from ε = {preset.eps:.4g} to {SMALL_EPS} (ours)")
-        if dataset in FOLDER_DATASETS:
-            subs.append(f"images at {SMALL_FOLDER_SIZE}x{SMALL_FOLDER_SIZE} (ours)")
-        n = SMALL_POINTS if opts.n is None else opts.n
-        suite_name = small_suite_name()
-        suite, targeted = tuple(get_suite(suite_name)), tuple(get_suite("targeted"))
-        audit, audit_points = AuditSettings.preset(quick=True), AUDIT_POINTS
-        paper, long = preset.attack.spec(eps), long_attack(eps)
-        subs.append(
-            f"evaluation on the first {n} test points, strong suite `{suite_name}`, quick audit on {audit_points} "
-            f"points, {opts.seeds} seed(s) (ours)"
-        )
-    elif opts.scale == "smoke":
-        eps = preset.eps
-        n = SMOKE_POINTS if opts.n is None else opts.n
-        suite_name, suite, targeted = "smoke", SMOKE_SUITE, SMOKE_SUITE
-        audit, audit_points = SMOKE_AUDIT, SMOKE_AUDIT_POINTS
-        paper, long = preset.attack.spec(eps, steps=1), long_attack(eps, steps=2)
-        subs.append(
-            "smoke: generated noise images in the dataset's real format (unless --data-dir), one training step of "
-            f"batch 2, one attack step, {n} test points, a two-attack suite and a minimal audit; checks the "
-            "pipeline only, the numbers mean nothing"
-        )
-    else:
-        eps = preset.eps
-        n = preset.full_points if opts.n is None else opts.n
-        suite_name = "standard"
-        suite, targeted = tuple(get_suite("standard")), tuple(get_suite("targeted"))
-        audit, audit_points = AuditSettings.preset(quick=True), AUDIT_POINTS
-        paper, long = preset.attack.spec(eps), long_attack(eps)
-    return Plan(preset, opts.scale, dataset, eps, n, paper, long, suite_name, suite, targeted, audit, audit_points,
-                tuple(subs))  # fmt: skip
-
-
-def _smoke_attack(name: str) -> str:
-    """The official notation with one step (``pgdll_16_2_10`` -> ``pgdll_16_2_1``); other names unchanged."""
-    spec = parse_official(name)
-    return name if spec is None else f"{spec.kind}_{round(spec.eps * 255)}_{round(spec.step * 255)}_1"
+    """The preset at the scale of ``opts`` (:func:`~logitpair.experiments.scales.plan_for`)."""
+    return plan_for(PRESETS.get(opts.preset), SCALES[opts.scale], opts.dataset, opts.n, opts.seeds)
 
 
 def row_config(
@@ -237,29 +124,7 @@ def row_config(
     """The training config of ``row`` at the plan's scale (see the module docstring). The
     ``loss`` settings shared by the table (or the scale) go to the rows whose method takes them;
     a row's own must all be settings of its method."""
-    preset, folder = plan.preset, plan.dataset in FOLDER_DATASETS
-    own = row.small if plan.scale == "small" else row.settings
-    if plan.scale == "small":
-        values = merge(SMALL_BASE, dict(row.small))
-        values["model"] = row.small_model or "lenet5"
-        data: dict[str, Any] = {"image_size": SMALL_FOLDER_SIZE} if folder else {}
-    else:
-        values = merge(dict(preset.training), dict(row.settings))
-        values["model"] = row.model or values.get("model") or preset.model
-        data = dict(values.get("data") or {})
-        if not folder:
-            data.pop("image_size", None)
-        if plan.scale == "smoke":
-            values = merge(
-                values,
-                {"optim": {"epochs": 1, "batch_size": 2, "accum_steps": 1}, "val_points": 2, "val_attack_steps": 1,
-                 "log_every": 1, "loss": {"attack_steps": 1}},
-            )  # fmt: skip
-            if "attack" in values.get("loss", {}):
-                values["loss"]["attack"] = _smoke_attack(values["loss"]["attack"])
-            data.update(val_size=2, workers=0)
-            if folder:
-                data["image_size"] = preset.smoke_size
+    values, data = plan.scale.row_values(plan.preset, row, plan.dataset in FOLDER_DATASETS)
     data.update(dataset=plan.dataset, data_dir=data_dir)
     # the automatic split of the paper's datasets (>= 50,000 training images), written out so that a
     # stored run's config (which records the number) and its store digest compare equal before training
@@ -268,7 +133,7 @@ def row_config(
     if row.static:
         values["static_models"] = ",".join(static_dirs)
     loss = values.get("loss") or {}
-    keep = loss_for(row.method, loss).keys() | set(own.get("loss") or {})
+    keep = loss_for(row.method, loss).keys() | set(plan.scale.own_settings(row).get("loss") or {})
     values["loss"] = {k: v for k, v in loss.items() if k in keep}
     return make_config(overrides=values)
 
@@ -281,11 +146,11 @@ def reproduce(
     ranks other than 0 under torchrun). See the module docstring."""
     plan = make_plan(opts)
     rank, world = env_world().rank, env_world().world_size
-    if plan.scale == "smoke" and world > 1 and opts.data_dir is None:
+    if plan.scale.generates_data and world > 1 and opts.data_dir is None:
         raise ConfigError("`scale` smoke under torchrun: pass `data_dir` (the generated data is per process)")
     out = opts.out_dir.resolve()
     work = out.with_name(f".{out.name}.work")
-    keep = plan.scale == "full"  # full scale resumes an interrupted run; the others start afresh
+    keep = plan.scale.resumes  # full scale resumes an interrupted run; the others start afresh
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         if work.exists() and not keep:
@@ -293,7 +158,7 @@ def reproduce(
         work.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="logitpair-smoke-data-") as tmp:
         data_dir = opts.data_dir
-        if plan.scale == "smoke" and data_dir is None:
+        if plan.scale.generates_data and data_dir is None:
             data_dir = str(write_smoke_data(plan.dataset, Path(tmp)))
             log(f"[reproduce] generated {plan.dataset} images in its real format in {data_dir}")
         try:
@@ -338,14 +203,9 @@ def _train_all(opts: ReproduceOptions, plan: Plan, seed_dir: Path, k: int, data_
             log(f"[reproduce] seed {k}: {row.name}: reusing {run_dir} (trained with the same config)")
             seconds[row.name] = round(float(json.loads((run_dir / "train.json").read_text())["train_seconds"]), 2)
             continue
-        splits = None
-        if plan.scale == "smoke":  # one step: a training set of one batch
-            splits = load_dataset(
-                cfg.data.dataset, cfg.data.data_dir, cfg.data.val_size, cfg.seed, **cfg.data.options()
-            )
-            splits = replace(splits, train=splits.train.subset(slice(0, cfg.optim.batch_size)))
+        splits = plan.scale.training_splits(cfg)
         log(f"[reproduce] seed {k}: training {row.name} ({row.method}, {cfg.model}, {cfg.optim.epochs} epochs)")
-        resume = plan.scale == "full" or opts.runs is not None
+        resume = plan.scale.resumes or opts.runs is not None
         res = train(cfg, run_dir, resume=resume, splits=splits, progress=progress, log=log)
         seconds[row.name] = round(res.train_seconds, 2)
     return seconds, dirs
@@ -369,440 +229,139 @@ def _run(opts: ReproduceOptions, plan: Plan, work: Path, final: Path, data_dir: 
     shown = [{name: final / d.relative_to(work) if d.is_relative_to(work) else d for name, d in dirs.items()}
              for dirs in run_dirs]  # fmt: skip
     results = _assemble(opts, plan, per_seed, train_seconds, shown, time.perf_counter() - t0)
-    _plot(work / "comparison.png", results)
-    if plan.preset.protocol == "transfer":
-        doc = per_seed[0]["transfer"]
-        write_text(work / "transfer.md", transfer_markdown(doc))
-        atomic_write(work / "transfer.png", lambda p: plot_transfer(p, doc))
-    write_json(work / "results.json", results)
-    write_text(work / "report.md", report_markdown(results))
+    _write(work, results, per_seed[0].transfer)
     return results
 
 
+def _write(work: Path, results: dict[str, Any], transfer: dict[str, Any] | None) -> None:
+    """``comparison.png``, the transfer matrix's page and plot (if any), ``results.json``, ``report.md``."""
+    plot_comparison(work / "comparison.png", results)
+    if transfer:
+        write_text(work / "transfer.md", transfer_markdown(transfer))
+        atomic_write(work / "transfer.png", lambda p: plot_transfer(p, transfer))
+    write_json(work / "results.json", results)
+    write_text(work / "report.md", report_markdown(results))
+
+
 # --------------------------------------------------------------------------- evaluation of one seed
+@dataclass
+class SeedResult:
+    """One seed's evaluation: per-example flags per row and metric, audits, paired tests."""
+
+    n: int
+    flags: dict[str, Flags]
+    audits: dict[str, dict[str, Any]]
+    comparisons: list[dict[str, Any]]
+    transfer: dict[str, Any] | None
+
+
 def _evaluate_seed(opts: ReproduceOptions, plan: Plan, dirs: dict[str, Path], seed_dir: Path, data_dir: str | None,
-                   progress: ProgressFactory, log: Logger) -> dict[str, Any]:  # fmt: skip
-    """Evaluate and audit the table rows of one seed (run directories ``dirs``); per-example flags,
-    audit verdicts and McNemar tests. Protocol states are saved in the run directories, so a
-    rerun (or another table evaluating the same model the same way) continues or reuses them."""
-    preset = plan.preset
+                   progress: ProgressFactory, log: Logger) -> SeedResult:  # fmt: skip
+    """Evaluate (the preset's protocol) and audit the table rows of one seed (run directories
+    ``dirs``), and compare the rows the paper compares. Protocol states are saved in the run
+    directories, so a rerun (or another table evaluating the same model the same way) continues
+    or reuses them."""
     device = torch.device(opts.device) if opts.device != "cpu" else None
-    loaded: dict[str, nn.Module] = {}
-
-    def model(name: str) -> nn.Module:
-        if name not in loaded:
-            loaded[name] = load_model(dirs[name], device=device or "cpu")  # the protocol runs where the model is
-        return loaded[name]
-
-    points: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def data_of(name: str) -> tuple[Tensor, Tensor]:
-        m = model(name)
-        key = repr(run_info(m, where=str(dirs[name])).data.get("image_size"))
-        if key not in points:
-            x, y, _ = test_points(m, plan.n, data_dir)
-            points[key] = (x, y)
-        return points[key]
-
-    threat = Linf(plan.eps)
-    common = {"threat": threat, "seed": opts.seed, "batch_size": opts.batch_size}
-    rows = preset.table_rows
-    flags: dict[str, dict[str, Tensor]] = {r.name: {} for r in rows}
-    doc: dict[str, Any] = {}
-    if preset.protocol == "untargeted":
-        crafted: dict[str, Tensor] = {}
-        for r in rows:
-            x, y = data_of(r.name)
-            log(f"[reproduce] {r.name}: clean, the paper's attack, the {plan.suite_name} suite")
-            res = run_protocol(model(r.name), x, y, [plan.paper, *plan.suite], progress=progress, desc=r.name,
-                               state_path=dirs[r.name] / "reproduce-white-box.safetensors", **common)  # fmt: skip
-            f = flags[r.name]
-            f["clean"] = res.clean_correct
-            f["white_box"] = res.clean_correct & (res.broken_by != 0)
-            f["strong"] = res.robust
-            if r.source:
-                if r.source not in crafted:
-                    log(f"[reproduce] crafting the paper's attack on {r.source} (black box)")
-                    crafted[r.source], _ = craft(
-                        model(r.source), x, y, plan.paper, progress=progress, desc=f"craft on {r.source}",
-                        state_path=dirs[r.source] / "reproduce-crafted.partial.safetensors", **common,
-                    )  # fmt: skip
-                f["black_box"] = topk_correct(predict(model(r.name), crafted[r.source]), y, 1).cpu()
-                f["black_box_robust"] = f["clean"] & f["black_box"]
-    elif preset.protocol == "targeted":
-        for r in rows:
-            x, y = data_of(r.name)
-            log(f"[reproduce] {r.name}: targeted protocol (paper's attack, long PGD, targeted suite), untargeted extra")
-            tr = targeted_protocol(
-                model(r.name), x, y, {"paper": [plan.paper], "long": [plan.long], "suite": list(plan.targeted_suite)},
-                untargeted=plan.suite, state_dir=dirs[r.name] / "reproduce-targeted", progress=progress,
-                **common,
-            )  # fmt: skip
-            f = flags[r.name]
-            f["clean_top1"], f["clean_top5"] = tr.clean_top1, tr.clean_top5
-            for key, group in (("wb", "paper"), ("long", "long"), ("suite", "suite"), ("worst", None)):
-                f[f"{key}_top1"], f[f"{key}_top5"] = tr.robust(group, 1), tr.robust(group, 5)
-                f[f"{key}_success"] = tr.success(group)
-            if tr.untargeted is not None:
-                f["untargeted_top1"], f["untargeted_top5"] = tr.untargeted.robust, tr.untargeted.robust_top5  # type: ignore[assignment]
-            if r.source:
-                log(f"[reproduce] {r.name}: black box, the paper's attack crafted on {r.source} (same targets)")
-                bb = run_protocol(
-                    model(r.name), x, y, [replace(plan.paper, transfer=True, label=plan.paper.label + " (transfer)")],
-                    source=model(r.source), targeted=True, top5=True, progress=progress, desc=f"{r.name} black box",
-                    state_path=dirs[r.name] / f"reproduce-black-box-{dirs[r.source].name}.safetensors", **common,
-                )  # fmt: skip
-                if not torch.equal(bb.target, tr.target):  # type: ignore[arg-type]
-                    raise RuntimeError("black box: the targets differ from the white-box protocol's")
-                f["bb_top1"], f["bb_top5"], f["bb_success"] = bb.robust, bb.robust_top5, bb.target_hit  # type: ignore[assignment]
-    else:  # transfer matrix
-        names = [r.name for r in preset.rows]
-        x, y = data_of(names[0])
-        log(f"[reproduce] transfer matrix over {', '.join(names)}")
-        t1 = time.perf_counter()
-        tm = transfer_matrix(
-            {n: model(n) for n in names}, x, y, attack=plan.paper, progress=progress,
-            state_dir=seed_dir / "transfer-crafted", **common,
-        )  # fmt: skip
-        doc = {"dataset": plan.dataset, "eps": plan.eps, "runs": {n: str(dirs[n]) for n in names},
-               "ensembles": {}, **tm.to_dict(), "seconds": round(time.perf_counter() - t1, 2)}  # fmt: skip
-        for r in rows:
-            f = flags[r.name]
-            f["clean"] = tm.clean[r.name]
-            for s in names:
-                f[f"from_{s}"] = tm.plain[s][r.name]
-                f[f"from_{s}_robust"] = tm.robust[s][r.name]
+    runs = SeedRuns(plan, dirs, seed_dir, data_dir, device, opts.seed, opts.batch_size, progress, log)
+    protocol = PROTOCOLS.get(plan.preset.protocol)
+    outcome = check_outcome(protocol, plan.preset, protocol.evaluate(runs))
     audits = {}
-    for r in rows:
+    for r in plan.preset.table_rows:
         log(f"[reproduce] {r.name}: gradient-masking audit")
         audits[r.name] = _audit(dirs, r, plan, data_dir, opts, device, progress)
-    n_points = len(next(iter(points.values()))[1])
-    comparisons = []
+    return SeedResult(runs.n_points, outcome.flags, audits, _comparisons(plan.preset, outcome.flags),
+                      outcome.transfer or None)  # fmt: skip
+
+
+def _comparisons(preset: Preset, flags: dict[str, Flags]) -> list[dict[str, Any]]:
+    """McNemar's exact test for every comparison of the preset (the metrics were checked at registration)."""
+    out = []
     for c in preset.compare:
         fa, fb = flags[c.a].get(c.metric_a), flags[c.b].get(c.other_metric)
-        if fa is None or fb is None:
+        if fa is None or fb is None:  # a metric this run did not measure (e.g. no untargeted suite)
             continue
-        comparisons.append(
-            {"row_a": c.a, "row_b": c.b, "metric_a": c.metric_a, "metric_b": c.other_metric, **mcnemar(fa, fb)}
-        )
-    return {"n": n_points, "flags": flags, "audits": audits, "comparisons": comparisons, "transfer": doc}
+        out.append({"row_a": c.a, "row_b": c.b, "metric_a": c.metric_a, "metric_b": c.other_metric, **mcnemar(fa, fb)})
+    return out
 
 
-def _audit(dirs: dict[str, Path], row: Row, plan: Plan, data_dir: str | None, opts: ReproduceOptions,
-           device: torch.device | None, progress: ProgressFactory) -> dict[str, Any]:  # fmt: skip
-    """The quick gradient-masking audit of one row (with its black-box source for the transfer
-    check); the verdict is kept in ``reproduce-audit.json`` and reused for the same settings."""
-    run_dir = dirs[row.name]
-    source = dirs[row.source] if row.source else None
-    key = {"settings": plan.audit.to_dict(), "n": plan.audit_points, "eps": plan.eps, "seed": opts.seed,
-           "source": str(source), "data_dir": data_dir, "weights": sha256_file(run_dir / "model.safetensors")}  # fmt: skip
-    cache = run_dir / "reproduce-audit.json"
-    try:
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return saved["result"]
-    except (OSError, ValueError):
-        pass
-    aud = audit_run(run_dir, source=source, n=plan.audit_points, seed=opts.seed, data_dir=data_dir,
-                    eps=plan.eps, settings=plan.audit, progress=progress, device=str(device or "cpu"))  # fmt: skip
-    result = {"verdict": aud["verdict"], "failed": [c["name"] for c in aud["checks"] if c["passed"] is False],
-              "reasons": aud.get("reasons", [])}  # fmt: skip
-    write_json(cache, {"key": key, "result": result})
-    return result
+# --------------------------------------------------------------------------- results
+def _row_result(r: Row, per_seed: list[SeedResult], train_seconds: list[dict[str, float]],
+                run_dirs: list[dict[str, Path]]) -> dict[str, Any]:  # fmt: skip
+    seeds = [{key: summarize(v) for key, v in s.flags[r.name].items()} for s in per_seed]
+    return {
+        "name": r.name,
+        "label": r.label,
+        "method": r.method,
+        "paper": dict(r.paper),
+        "ours": seeds[0],
+        "seeds": seeds,
+        "spread": {key: spread([s[key]["value"] for s in seeds]) for key in seeds[0]},
+        "audit": [s.audits[r.name] for s in per_seed],
+        "train_seconds": [t[r.name] for t in train_seconds],
+        "run_dirs": [str(d[r.name]) for d in run_dirs],
+        "ours_settings": list(r.ours),
+    }
 
 
-# --------------------------------------------------------------------------- results and report
-def _assemble(opts: ReproduceOptions, plan: Plan, per_seed: list[dict[str, Any]], train_seconds: list[dict[str, float]],
+def _attacks(plan: Plan) -> dict[str, Any]:
+    targeted = PROTOCOLS.get(plan.preset.protocol).targeted
+    return {
+        "paper": plan.paper.to_dict(),
+        "paper_given": plan.preset.attack.given,
+        "long": plan.long.to_dict() if targeted else None,
+        "suite_name": plan.suite_name,
+        "suite": [a.to_dict() for a in plan.suite],
+        "targeted_suite": [a.to_dict() for a in plan.targeted_suite] if targeted else None,
+    }
+
+
+def _assemble(opts: ReproduceOptions, plan: Plan, per_seed: list[SeedResult], train_seconds: list[dict[str, float]],
               run_dirs: list[dict[str, Path]], seconds: float) -> dict[str, Any]:  # fmt: skip
     preset = plan.preset
-    rows = []
-    for r in preset.table_rows:
-        seeds = [{key: summarize(v) for key, v in s["flags"][r.name].items()} for s in per_seed]
-        keys = list(seeds[0])
-        rows.append(
-            {
-                "name": r.name,
-                "label": r.label,
-                "method": r.method,
-                "paper": dict(r.paper),
-                "ours": seeds[0],
-                "seeds": seeds,
-                "spread": {key: spread([s[key]["value"] for s in seeds]) for key in keys},
-                "audit": [s["audits"][r.name] for s in per_seed],
-                "train_seconds": [t[r.name] for t in train_seconds],
-                "run_dirs": [str(d[r.name]) for d in run_dirs],
-                "ours_settings": list(r.ours),
-            }
-        )
     others = [
         {"name": r.name, "label": r.label, "method": r.method, "role": r.role, "ours_settings": list(r.ours),
          "train_seconds": [t[r.name] for t in train_seconds], "run_dirs": [str(d[r.name]) for d in run_dirs]}
         for r in preset.rows if r.role != "row"
     ]  # fmt: skip
-    comparisons = [{**c, "seed": k} for k, s in enumerate(per_seed) for c in s["comparisons"]]
-    env = environment()
-    results: dict[str, Any] = {
+    return {
         "preset": preset.name,
         "table": preset.table,
         "title": preset.title,
         "protocol": preset.protocol,
-        "scale": plan.scale,
+        "scale": plan.scale.name,
         "dataset": plan.dataset,
         "paper_dataset": preset.dataset,
         "eps": plan.eps,
-        "n": per_seed[0]["n"],
+        "n": per_seed[0].n,
         "seeds": opts.seeds,
         "evaluation_seed": opts.seed,
         "device": opts.device,
         "columns": [{"key": c.key, "label": c.label} for c in preset.columns],
-        "attacks": {
-            "paper": plan.paper.to_dict(),
-            "paper_given": preset.attack.given,
-            "long": plan.long.to_dict() if preset.protocol == "targeted" else None,
-            "suite_name": plan.suite_name,
-            "suite": [a.to_dict() for a in plan.suite],
-            "targeted_suite": [a.to_dict() for a in plan.targeted_suite] if preset.protocol == "targeted" else None,
-        },
+        "attacks": _attacks(plan),
         "audit_settings": {"points": plan.audit_points, **plan.audit.to_dict()},
-        "rows": rows,
+        "rows": [_row_result(r, per_seed, train_seconds, run_dirs) for r in preset.table_rows],
         "other_models": others,
-        "comparisons": comparisons,
+        "comparisons": [{**c, "seed": k} for k, s in enumerate(per_seed) for c in s.comparisons],
         "settings": [{"setting": s, "source": src} for s, src in preset.settings],
         "substitutions": list(plan.substitutions),
         "notes": list(preset.notes),
-        "transfer": per_seed[0]["transfer"] or None,
-        "environment": env,
+        "transfer": per_seed[0].transfer,
+        "environment": environment(),
         "seconds": round(seconds, 1),
         "command": command_line(opts),
     }
-    return results
 
 
 def command_line(opts: ReproduceOptions) -> str:
+    flags = [("--dataset", opts.dataset), ("--data-dir", opts.data_dir),
+             ("--device", opts.device if opts.device != "cpu" else None),
+             ("--seeds", opts.seeds if opts.seeds != 1 else None), ("--n", opts.n), ("--out", opts.out),
+             ("--runs", opts.runs)]  # fmt: skip
     parts = ["logitpair", "reproduce", opts.preset, "--scale", opts.scale]
-    if opts.dataset:
-        parts += ["--dataset", opts.dataset]
-    if opts.data_dir:
-        parts += ["--data-dir", str(opts.data_dir)]
-    if opts.device != "cpu":
-        parts += ["--device", opts.device]
-    if opts.seeds != 1:
-        parts += ["--seeds", str(opts.seeds)]
-    if opts.n is not None:
-        parts += ["--n", str(opts.n)]
-    if opts.out is not None:
-        parts += ["--out", str(opts.out)]
-    if opts.runs is not None:
-        parts += ["--runs", str(opts.runs)]
+    for flag, value in flags:
+        if value:
+            parts += [flag, str(value)]
     return " ".join(parts)
-
-
-def eps_label(eps: float) -> str:
-    """``16/255 (0.0627)`` for a whole number of 255ths, else ``0.1``."""
-    k = round(eps * 255)
-    return f"{k}/255 ({eps:.4g})" if abs(eps * 255 - k) < 1e-6 and k not in (0, 255) else f"{eps:.4g}"
-
-
-def _paper(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1f}"
-
-
-def _verdict(audits: list[dict[str, Any]]) -> str:
-    out = []
-    for a in audits:
-        out.append(a["verdict"] + (" (" + ", ".join(a["failed"]) + ")" if a["failed"] else ""))
-    return "; ".join(out)
-
-
-METRIC_LABELS = {
-    "clean": "Clean",
-    "white_box": "White box: the paper's attack",
-    "strong": "White box: worst case, the paper's attack + strong suite",
-    "black_box": "Black box (accuracy on the transferred examples)",
-    "black_box_robust": "Black box, robust (correct clean and transferred)",
-    "clean_top1": "Clean top-1",
-    "clean_top5": "Clean top-5",
-    "wb_top1": "Paper's attack top-1",
-    "wb_top5": "Paper's attack top-5",
-    "wb_success": "Paper's attack success",
-    "long_top1": "Long targeted PGD top-1",
-    "long_top5": "Long targeted PGD top-5",
-    "long_success": "Long targeted PGD success",
-    "suite_top1": "Targeted suite top-1",
-    "suite_top5": "Targeted suite top-5",
-    "suite_success": "Targeted suite success",
-    "worst_top1": "Worst case top-1",
-    "worst_top5": "Worst case top-5",
-    "worst_success": "Targeted success, any attack",
-    "untargeted_top1": "Untargeted worst case top-1 (extra)",
-    "untargeted_top5": "Untargeted worst case top-5 (extra)",
-    "bb_top1": "Black box top-1",
-    "bb_top5": "Black box top-5",
-    "bb_success": "Black box success",
-}
-
-
-def _label(key: str) -> str:
-    if key.startswith("from_"):
-        src = key[5:].removesuffix("_robust")
-        return f"transferred from {src}" + (" (robust)" if key.endswith("_robust") else "")
-    return METRIC_LABELS.get(key, key)
-
-
-def report_markdown(res: dict[str, Any]) -> str:
-    """The report: the paper's numbers and ours side by side, our full evaluation, paired tests, settings."""
-    cols = res["columns"]
-    k = res["seeds"]
-    text = f"# Reproducing {res['table']}: {res['title']}\n\n"
-    text += (
-        f"Scale `{res['scale']}`, dataset {res['dataset']} (the paper's: {res['paper_dataset']}), L∞ ε = "
-        f"{eps_label(res['eps'])}, first {res['n']} test points, {k} seed(s), evaluation seed {res['evaluation_seed']}. "
-        "Accuracy in %: the paper's as printed, ours with 95% Wilson intervals (N per entry = the number of test "
-        "points); a point counts as robust only if it is correct clean and under the attack. "
-        f"Ours from seed 0{' (spread over seeds below)' if k > 1 else ''}.\n\n"
-    )
-    if res["substitutions"]:
-        text += "**Substitutions at this scale (ours):**\n\n" + "".join(f"- {s}\n" for s in res["substitutions"]) + "\n"
-    text += "## Side by side with the paper\n\n"
-    header = ["model"]
-    for c in cols:
-        header += [f"{c['label']}: paper", f"{c['label']}: ours"]
-    header.append("audit")
-    table = []
-    for r in res["rows"]:
-        line = [r["label"]]
-        for c in cols:
-            line += [_paper(r["paper"].get(c["key"])), pct_ci(r["ours"].get(c["key"]))]
-        line.append(_verdict(r["audit"][:1]))
-        table.append(line)
-    text += markdown_table(header, table)
-    if k > 1:
-        text += f"\nSpread over {k} seeds (mean ± sample sd of our values, %):\n\n"
-        table = []
-        for r in res["rows"]:
-            line = [r["label"]]
-            for c in cols:
-                sp = r["spread"].get(c["key"])
-                line.append(
-                    "—" if not sp or sp["mean"] is None else f"{100 * sp['mean']:.1f} ± {100 * (sp['sd'] or 0):.1f}"
-                )
-            line.append(_verdict(r["audit"]))
-            table.append(line)
-        text += markdown_table(["model", *(c["label"] for c in cols), "audit per seed"], table)
-    text += "\n## Our full evaluation (seed 0)\n\n"
-    attacks = res["attacks"]
-    text += f"- the paper's attack: {attacks['paper']['label']}"
-    text += (
-        f" (as the paper gives it, {res['table']})\n"
-        if attacks["paper_given"]
-        else " (ours where the paper gives no setting)\n"
-    )
-    if attacks.get("long"):
-        text += f"- the long attack: {attacks['long']['label']}\n"
-        text += "- the targeted suite: " + ", ".join(a["label"] for a in attacks["targeted_suite"]) + "\n"
-        text += (
-            "- every targeted attack aims at the same random target class per point (≠ label, seeded); the worst case "
-            "is per point over all of them; the untargeted worst case (strong suite `"
-            + attacks["suite_name"] + "`) is an extra, not the paper's protocol\n"
-        )  # fmt: skip
-    elif res["protocol"] == "transfer":
-        text += "- crafted once on every model (the statics, ens-adv, the sources) and shown to every model; "
-        text += "a model's own column is white box\n"
-    else:
-        suite = ", ".join(a["label"] for a in attacks["suite"])
-        text += f"- the strong suite `{attacks['suite_name']}`: {suite}\n"
-    text += "\n"
-    keys = [key for key in res["rows"][0]["ours"]]
-    if res["protocol"] == "targeted":
-        for group, title in (
-            ("top1", "Top-1 accuracy"),
-            ("top5", "Top-5 accuracy"),
-            ("success", "Targeted success rate"),
-        ):
-            sel = [key for key in keys if key.endswith(group)]
-            text += f"**{title}:**\n\n"
-            text += markdown_table(["model", *(_label(s) for s in sel)],
-                                   [[r["label"], *(pct_ci(r["ours"].get(s)) for s in sel)] for r in res["rows"]])  # fmt: skip
-            text += "\n"
-    else:
-        sel = [key for key in keys if not key.endswith("_robust")] + [key for key in keys if key.endswith("_robust")]
-        text += markdown_table(["model", *(_label(s) for s in sel)],
-                               [[r["label"], *(pct_ci(r["ours"].get(s)) for s in sel)] for r in res["rows"]])  # fmt: skip
-        text += "\n"
-        if res["protocol"] == "transfer":
-            text += "The full source x target matrices: [transfer.md](transfer.md), ![transfer](transfer.png)\n\n"
-    train_rows = [[r["label"], ", ".join(f"{s:.0f}" for s in r["train_seconds"]), _verdict(r["audit"])]
-                  for r in res["rows"]]  # fmt: skip
-    train_rows += [[o["label"], ", ".join(f"{s:.0f}" for s in o["train_seconds"]), f"({o['role']})"]
-                   for o in res["other_models"]]  # fmt: skip
-    text += "Training seconds per seed and the quick gradient-masking audit (`logitpair audit`; `suspect` = some check failed):\n\n"
-    text += markdown_table(["model", "train s", "audit"], train_rows)
-    if res["comparisons"]:
-        text += "\n## Paired comparisons (McNemar's exact test on the same points)\n\n"
-        text += (
-            "A only / B only: points only A / only B gets right; p: exact two-sided binomial test on these "
-            "discordant points (the null hypothesis: equally accurate).\n\n"
-        )
-        names = {r["name"]: r["label"] for r in res["rows"]}
-        table = []
-        for c in res["comparisons"]:
-            a = f"{names.get(c['row_a'], c['row_a'])}: {_label(c['metric_a'])}"
-            b = f"{names.get(c['row_b'], c['row_b'])}: {_label(c['metric_b'])}"
-            table.append([str(c["seed"]), a, b, f"{100 * c['a']:.1f}", f"{100 * c['b']:.1f}", str(c["a_only"]),
-                          str(c["b_only"]), f"{c['p_value']:.3g}", str(c["n"])])  # fmt: skip
-        text += markdown_table(["seed", "A", "B", "A %", "B %", "A only", "B only", "p", "N"], table)
-    text += "\n## Settings\n\n"
-    text += f"Each with its source; {SETTINGS_PAGE} in the logitpair repository lists every preset's settings.\n\n"
-    text += "".join(f"- {s['setting']} — *{s['source']}*\n" for s in res["settings"])
-    for r in [*res["rows"], *res["other_models"]]:
-        for s in r["ours_settings"]:
-            text += f"- {r['label']}: {s} — *ours*\n"
-    if res["scale"] != "full":
-        text += f"\nThe list above is the full-scale recipe; at scale `{res['scale']}` the substitutions at the top apply.\n"
-    if res["notes"]:
-        text += "\n## Notes\n\n" + "".join(f"- {n}\n" for n in res["notes"])
-    text += "\n![paper vs ours](comparison.png)\n"
-    env = res["environment"]
-    text += (
-        f"\nReproduce: `{res['command']}` ({res['seconds']:.0f} s on {env.get('machine')}, {env.get('threads')} "
-        f"threads, torch {env.get('torch')}, device {res['device']}).\n"
-    )
-    return text
-
-
-def _plot(path: Path, res: dict[str, Any]) -> None:
-    """Grouped bars: the paper's number and ours (with its 95% interval) per row and paper column."""
-
-    def draw(p: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        cols = res["columns"]
-        fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.6), squeeze=False)
-        for ax, c in zip(axes[0], cols, strict=True):
-            labels = [r["name"] for r in res["rows"]]
-            xs = range(len(labels))
-            paper = [r["paper"].get(c["key"]) for r in res["rows"]]
-            ours = [r["ours"].get(c["key"]) for r in res["rows"]]
-            ax.bar([i - 0.2 for i in xs], [v if v is not None else 0 for v in paper], 0.4, label="paper",
-                   color="#999999")  # fmt: skip
-            vals = [100 * o["value"] if o else 0 for o in ours]
-            err = [[100 * (o["value"] - o["ci95"][0]) if o else 0 for o in ours],
-                   [100 * (o["ci95"][1] - o["value"]) if o else 0 for o in ours]]  # fmt: skip
-            ax.bar([i + 0.2 for i in xs], vals, 0.4, yerr=err, capsize=3, label="ours", color="#1f77b4")
-            ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
-            ax.set_ylim(0, 100)
-            ax.set_title(c["label"], fontsize=9)
-            ax.set_ylabel("accuracy %")
-        axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{res['table']} ({res['scale']}, {res['dataset']}, N={res['n']})", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(p, format="png", dpi=110)
-        plt.close(fig)
-
-    atomic_write(path, draw)
 
 
 # --------------------------------------------------------------------------- --list
@@ -812,15 +371,8 @@ def describe_presets() -> str:
     for name in PRESETS:
         p: Preset = PRESETS.get(name)
         lines.append(f"{name:<22} {p.table}: {p.title}")
-        what = {
-            "untargeted": "white box (the paper's attack), worst case with the strong suite, black box, clean",
-            "targeted": "targeted protocol: the paper's attack, long targeted PGD, targeted suite; top-1/top-5",
-            "transfer": "source x target transfer matrix",
-        }[p.protocol]
-        if any(r.source for r in p.table_rows) and p.protocol == "targeted":
-            what += "; black box"
         lines.append(f"{'':<22} trains {len(p.rows)} model(s): {', '.join(r.name for r in p.rows)}")
-        lines.append(f"{'':<22} evaluates: {what}; audit per row")
+        lines.append(f"{'':<22} evaluates: {PROTOCOLS.get(p.protocol).describe(p)}; audit per row")
         lines.append(f"{'':<22} data (full): {DATA_NEEDS.get(p.dataset, p.dataset)}")
         if p.datasets:
             lines.append(f"{'':<22} also accepts: {', '.join(p.datasets)}")
