@@ -148,6 +148,7 @@ def _dataset(parts: list[tuple[np.ndarray, np.ndarray]], paths: list[Path]) -> I
 
 @DATASETS.register("cifar10")
 def load_cifar10(data_dir: Path | None) -> tuple[ImageDataset, ImageDataset, str]:
+    """CIFAR-10 (10 classes, 32x32 RGB), binary or Python batches as distributed, nothing unpickled but arrays."""
     if data_dir is None:
         raise DataError(f"no data directory given. {HINT}")
     if not data_dir.is_dir():
