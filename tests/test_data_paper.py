@@ -153,6 +153,47 @@ def test_cifar_loads_both_versions(tmp_path, layout):
     assert s.train.num_classes == 10 and s.train.classes[0] == "airplane" and version in s.source
 
 
+def _resave_py3_protocol2(path: Path) -> bytes:
+    """What ``pickle.dump(pickle.load(f, encoding="bytes"), g, protocol=2)`` writes under Python 3."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy 2 warns about the numpy.core path
+        batch = pickle.loads(path.read_bytes(), encoding="bytes")
+    return pickle.dumps(batch, protocol=2)
+
+
+def test_cifar_batch_resaved_by_python3_at_protocol_2_loads(tmp_path):
+    folder = write_cifar(tmp_path, "py")
+    for path in folder.iterdir():
+        raw = _resave_py3_protocol2(path)
+        assert raw[:2] == b"\x80\x02" and b"c_codecs\nencode\n" in raw, "bytes go through _codecs.encode"
+        path.write_bytes(raw)
+    ours = load_cifar_pickle(folder / "test_batch")
+    data, labels = cifar_batches(6, 5)
+    np.testing.assert_array_equal(ours[b"data"], data)
+    assert ours[b"labels"] == labels and ours[b"filenames"][0] == b"img_5_0.png"
+    s = load_dataset("cifar10", tmp_path, val_size=4)
+    assert torch.equal(s.test.x, torch.from_numpy(data.reshape(6, 3, 32, 32)).float() / 255)
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [(("eJwrzs9NVVBKSizPM4lyBgAiSwRv", "base64"), "'base64'"), ((b"x", "latin1"), "bytes"), (("x", "zlib"), "'zlib'")],
+)
+def test_codecs_encode_only_encodes_str_to_latin1(tmp_path, args, why):
+    """``_codecs.encode`` is let through as a latin-1 encoder of str only, never as a gate to other codecs."""
+
+    class Encode:
+        def __reduce__(self):
+            import _codecs
+
+            return _codecs.encode, args
+
+    folder = write_cifar(tmp_path, "py")
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Encode(), b"labels": [0]}, protocol=2))
+    with pytest.raises(DataError, match=f"test_batch: not a valid CIFAR-10 python batch .*_codecs.encode.*{why}"):
+        load_cifar_pickle(folder / "test_batch")
+
+
 class Evil:
     def __init__(self, func, arg) -> None:
         self.func, self.arg = func, arg
@@ -161,7 +202,7 @@ class Evil:
         return self.func, (self.arg,)
 
 
-@pytest.mark.parametrize("how", ["os.system", "builtins.eval", "nested", "protocol-5"])
+@pytest.mark.parametrize("how", ["os.system", "builtins.eval", "nested", "protocol-5", "after-codecs"])
 def test_malicious_cifar_pickle_is_refused_without_running(tmp_path, how):
     marker = tmp_path / "pwned"
     if how == "builtins.eval":
@@ -169,7 +210,11 @@ def test_malicious_cifar_pickle_is_refused_without_running(tmp_path, how):
     else:
         payload = Evil(os.system, f"touch '{marker}'")
     obj = {"data": payload, "labels": [0]} if how == "nested" else payload
+    if how == "after-codecs":  # as a Python 3 re-save writes it: bytes keys (the allowed _codecs.encode) first
+        obj = {b"labels": [0], b"data": Evil(os.system, f"touch '{marker}'".encode())}
     raw = pickle.dumps(obj, protocol=5 if how == "protocol-5" else 2)
+    if how == "after-codecs":
+        assert 0 < raw.index(b"c_codecs\nencode") < raw.index(b"system")
     folder = write_cifar(tmp_path, "py")
     (folder / "data_batch_3").write_bytes(raw)
     with pytest.raises(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,38 @@ def plot_curves(path: Path, curves: dict[str, list[dict[str, Any]]], xkey: str, 
     plt.close(fig)
 
 
-def plot_image_grid(path: Path, rows: dict[str, tuple[Tensor, Tensor]], eps: float, n: int = 8) -> None:
-    """Per method: clean images, adversarial images and the perturbation (scaled to [-eps, eps])."""
+Caption = tuple[str, bool]  # text under an image, and whether the prediction it names is right
+
+
+def grid_captions(y: Tensor, pred: Tensor, classes: Sequence[str] = ()) -> list[Caption]:
+    """What goes under each image of an example grid: ``true <class>`` and ``pred <class>`` on two
+    lines (class names from ``classes``, the index where there are none), and whether they agree."""
+
+    def name(k: int) -> str:
+        return classes[k] if 0 <= k < len(classes) else str(k)
+
+    return [(f"true {name(t)}\npred {name(p)}", t == p) for t, p in zip(y.tolist(), pred.tolist(), strict=True)]
+
+
+def plot_image_grid(
+    path: Path,
+    rows: dict[str, tuple[Tensor, Tensor]],
+    eps: float,
+    n: int = 8,
+    captions: dict[str, tuple[list[Caption], list[Caption]]] | None = None,
+) -> None:
+    """Per method: clean images, adversarial images and the perturbation (scaled to [-eps, eps]).
+
+    ``captions[method]``: the :func:`grid_captions` under its clean and its adversarial images
+    (a wrong prediction in red)."""
     plt = _plt()
     names = list(rows)
-    fig, axes = plt.subplots(3 * len(names), n, figsize=(n * 0.9, 3 * len(names) * 0.95), dpi=100)
+    cell = 1.15 if captions else 0.95
+    fig, axes = plt.subplots(3 * len(names), n, figsize=(n * 0.9 * cell, 3 * len(names) * cell), dpi=100)
     axes = axes.reshape(3 * len(names), n)
     for r, name in enumerate(names):
         x, xa = rows[name]
+        below = (captions or {}).get(name, ([], []))
         for c in range(n):
             for k, (img, cmap, vmin, vmax) in enumerate(
                 [(x[c], "gray", 0, 1), (xa[c], "gray", 0, 1), (xa[c] - x[c], "seismic", -eps, eps)]
@@ -70,6 +95,9 @@ def plot_image_grid(path: Path, rows: dict[str, tuple[Tensor, Tensor]], eps: flo
                 ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap=cmap, vmin=vmin, vmax=vmax)
                 ax.set_xticks([])
                 ax.set_yticks([])
+                if k < 2 and c < len(below[k]):
+                    text, right = below[k][c]
+                    ax.set_xlabel(text, fontsize=5, labelpad=1, color="black" if right else "red")
                 if c == 0:
                     ax.set_ylabel(f"{name}\n{['clean', 'adv', 'delta'][k]}", fontsize=7)
     fig.tight_layout()

@@ -51,7 +51,7 @@ def mi_fgsm(
     target: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """MI-FGSM; returns the last iterate.
+    """Momentum iterative FGSM (MI-FGSM, Dong et al. 2018) for transfer attacks; returns the last iterate.
 
     Args:
         model: a model, or a sequence of source models attacked as one ensemble (mean logits).

@@ -158,9 +158,9 @@ def official(
     targeted: bool = False,
     target: Tensor | None = None,
 ) -> Tensor:
-    """The official notation as a registered attack: ``AttackSpec("official", {"spec": "pgdll_16_2_10"})``.
+    """The official ALP code's attacks by name, ``pgd|pgdll|pgdrnd_EPS_STEP_NITER`` (``spec="pgdll_16_2_10"``).
 
-    Runs :func:`official_attack` with the spec's own eps and step (0-255 units / 255); ``threat``
+    As a registered attack: ``AttackSpec("official", {"spec": "pgdll_16_2_10"})``. Runs :func:`official_attack` with the spec's own eps and step (0-255 units / 255); ``threat``
     (the evaluation's L-inf ball, [0, 1] inputs, shape (N, C, H, W)) must be at least as large
     as the spec's eps. ``targeted``/``target``: the targeted protocol's classes (one per
     example, shape (N,)), accepted by ``pgdrnd`` only (it then descends them instead of

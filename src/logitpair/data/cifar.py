@@ -7,10 +7,12 @@
   Python 2 protocol-2 pickles of a dict with str (bytes) keys: ``data`` (an N x 3072 uint8
   numpy array in the same pixel order), ``labels`` (N ints), ``batch_label``, ``filenames``.
   The array is pickled through ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``
-  and ``numpy.dtype``. :class:`CifarUnpickler` allows exactly those three globals (under
-  ``numpy.core`` or ``numpy._core``), maps them to the installed numpy and refuses every
-  other global with :class:`DataError` before anything is called: a pickle that would
-  run ``os.system`` or ``eval`` fails to load instead.
+  and ``numpy.dtype``. A batch re-saved by Python 3 at protocol 2 writes every bytes object as
+  ``_codecs.encode(text, "latin1")``. :class:`CifarUnpickler` allows exactly those four globals
+  (numpy's under ``numpy.core`` or ``numpy._core``; ``_codecs.encode`` as a function that only
+  encodes a str to latin-1 bytes), maps them to the installed numpy and refuses every other
+  global with :class:`DataError` before anything is called: a pickle that would run
+  ``os.system`` or ``eval`` fails to load instead.
 
 ``--data-dir`` may be the folder holding either sub-folder (the binary one is preferred
 when both are there) or the sub-folder itself.
@@ -38,7 +40,17 @@ HINT = (
 )
 
 
-def _numpy_globals() -> dict[tuple[str, str], Any]:
+def _latin1_encode(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    """``_codecs.encode`` as Python 3's protocol-2 pickles of bytes call it, ``encode(str, "latin1")``,
+    and nothing else: no other codec (bytes-to-bytes codecs such as zlib would be reachable), no
+    other argument type."""
+    if not (isinstance(text, str) and encoding in ("latin1", "latin-1") and errors == "strict"):
+        raise pickle.UnpicklingError(f"_codecs.encode is allowed for (str, 'latin1') only, got {type(text).__name__}, "
+                                     f"{encoding!r}")  # fmt: skip
+    return text.encode("latin-1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
     try:
         from numpy._core.multiarray import _reconstruct  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
@@ -46,6 +58,7 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(module, "_reconstruct")] = _reconstruct
+    allowed[("_codecs", "encode")] = _latin1_encode
     return allowed
 
 
@@ -54,10 +67,11 @@ class CifarUnpickler(pickle.Unpickler):
 
     ``find_class`` is the only way a pickle can reach a callable (GLOBAL, STACK_GLOBAL,
     INST, OBJ and extension codes all go through it), so refusing there means no code
-    outside the three numpy globals is ever looked up, let alone run.
+    outside the three numpy globals and the latin-1 ``_codecs.encode`` is ever looked up, let
+    alone run.
     """
 
-    ALLOWED = _numpy_globals()
+    ALLOWED = _allowed_globals()
 
     def __init__(self, file: io.BufferedIOBase, path: Path) -> None:
         super().__init__(file, encoding="bytes")
@@ -69,7 +83,7 @@ class CifarUnpickler(pickle.Unpickler):
         except KeyError:
             raise DataError(
                 f"{self.path}: refusing to unpickle global {module}.{name}: a CIFAR-10 python batch may only "
-                "reference numpy.core.multiarray._reconstruct, numpy.ndarray and numpy.dtype"
+                "reference numpy.core.multiarray._reconstruct, numpy.ndarray, numpy.dtype and _codecs.encode"
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:
@@ -148,6 +162,7 @@ def _dataset(parts: list[tuple[np.ndarray, np.ndarray]], paths: list[Path]) -> I
 
 @DATASETS.register("cifar10")
 def load_cifar10(data_dir: Path | None) -> tuple[ImageDataset, ImageDataset, str]:
+    """CIFAR-10 (10 classes, 32x32 RGB), binary or Python batches as distributed, nothing unpickled but arrays."""
     if data_dir is None:
         raise DataError(f"no data directory given. {HINT}")
     if not data_dir.is_dir():

@@ -65,7 +65,10 @@ def _idx_loader(default: Path | None, classes: tuple[str, ...], hint: str):
     return load
 
 
-DATASETS.register("fashion-mnist")(
+DATASETS.register(
+    "fashion-mnist",
+    description="Fashion-MNIST (10 clothing classes, 28x28 grey), the four IDX files (Debian's by default).",
+)(
     _idx_loader(
         FASHION_MNIST_DIR,
         FASHION_CLASSES,
@@ -73,7 +76,7 @@ DATASETS.register("fashion-mnist")(
         f"{FASHION_MNIST_DIR}) or pass --data-dir with the four standard IDX files.",
     )
 )
-DATASETS.register("mnist")(
+DATASETS.register("mnist", description="MNIST handwritten digits (28x28 grey) from the four standard IDX files.")(
     _idx_loader(
         None,
         DIGITS,

@@ -63,6 +63,7 @@ def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @DATASETS.register("svhn")
 def load_svhn(data_dir: Path | None, *, extra: bool = False) -> tuple[ImageDataset, ImageDataset, str]:
+    """SVHN cropped digits (32x32 RGB) from the distributed `*_32x32.mat` files; `extra=True` adds the extra set."""
     if not isinstance(extra, bool):
         raise ConfigError(f"extra: expected true or false, got {extra!r}")
     _loadmat()

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from logitpair.methods.context import NOISE, START, BatchContext
 from logitpair.methods.settings import LossSettings, StartSettings
-from logitpair.registry import Registry
+from logitpair.registry import Registry, summary
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, Any, BatchContext], tuple[Tensor, dict[str, Tensor]]]
 
@@ -54,30 +54,35 @@ def joint_step_cost(attack: str, steps: int) -> StepCost:
 
 @dataclass(frozen=True)
 class Method:
-    """A registry entry: the loss, the settings dataclass it reads and its step's cost class
-    (None: no method-specific floor)."""
+    """A registry entry: the loss, the settings dataclass it reads, its step's cost class
+    (None: no method-specific floor) and its one-line description ("": the loss's docstring's first line)."""
 
     name: str
     loss: LossFn
     settings: type[LossSettings]
     cost: StepCost | None = None
+    description: str = ""
+
+    def describe(self) -> str:
+        return self.description or summary(self.loss)
 
 
 class MethodRegistry:
     """The training methods: ``register(name, settings=..., cost=...)`` as a decorator of the loss;
-    ``get(name)`` the loss, ``entry(name)`` the :class:`Method`, ``settings(name)`` its class."""
+    ``get(name)`` the loss, ``entry(name)`` the :class:`Method`, ``settings(name)`` its class,
+    ``describe(name)`` one line saying what it is."""
 
     def __init__(self) -> None:
         self._entries: Registry[Method] = Registry("method")
 
     def register(
-        self, name: str, *, settings: type[LossSettings], cost: StepCost | None = None
+        self, name: str, *, settings: type[LossSettings], cost: StepCost | None = None, description: str = ""
     ) -> Callable[[LossFn], LossFn]:
         if not (isinstance(settings, type) and issubclass(settings, LossSettings)):
             raise TypeError(f"method {name!r}: settings must be a LossSettings subclass, got {settings!r}")
 
         def decorator(fn: LossFn) -> LossFn:
-            self._entries.register(name)(Method(name, fn, settings, cost))
+            self._entries.register(name)(Method(name, fn, settings, cost, description))
             return fn
 
         return decorator
@@ -93,6 +98,9 @@ class MethodRegistry:
 
     def settings(self, name: str) -> type[LossSettings]:
         return self.entry(name).settings
+
+    def describe(self, name: str) -> str:
+        return self.entry(name).describe()
 
     def names(self) -> list[str]:
         return self._entries.names()

@@ -30,7 +30,9 @@ class LSQSettings(NoiseSettings, LambdaSettings):
 def clp_loss(
     model: nn.Module, x: Tensor, y: Tensor, cfg: CLPSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``CE(f(x~)) + cfg.lam * D(f(x~_i), f(x~_{i+m/2}))`` with ``x~ = clip(x + N(0, noise_std^2))``.
+    """Clean Logit Pairing (Kannan et al. 2018): CE plus a logit distance between pairs of noisy clean inputs.
+
+    ``CE(f(x~)) + cfg.lam * D(f(x~_i), f(x~_{i+m/2}))`` with ``x~ = clip(x + N(0, noise_std^2))``.
 
     The batch (already shuffled by the loader) is split in two halves and example ``i`` is
     paired with example ``i + m/2`` (an odd last example is left unpaired). ``D`` as in ALP:
@@ -54,7 +56,9 @@ def clp_loss(
 def lsq_loss(
     model: nn.Module, x: Tensor, y: Tensor, cfg: LSQSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``CE(f(x~)) + cfg.lam * mean_i ||f(x~_i)||_2`` (unsquared L2 norm of each example's logits,
+    """Logit squeezing (Kannan et al. 2018): CE plus λ · the logits' norm, on noisy inputs.
+
+    ``CE(f(x~)) + cfg.lam * mean_i ||f(x~_i)||_2`` (unsquared L2 norm of each example's logits,
     averaged over the batch) with ``x~ = clip(x + N(0, noise_std^2))``. CE: mean over the batch."""
     xn = add_noise(x, cfg.noise_std, ctx)
     logits = model(xn)

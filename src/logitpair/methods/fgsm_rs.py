@@ -22,7 +22,9 @@ from logitpair.methods.settings import FGSMRSSettings
 def fgsm_rs_loss(
     model: nn.Module, x: Tensor, y: Tensor, cfg: FGSMRSSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``CE(f(x_adv), y)`` with ``x_adv`` = FGSM-RS of step ``cfg.fgsm_rs_alpha_ratio * cfg.eps`` in
+    """Fast adversarial training (Wong et al. 2020): CE on FGSM examples from a random start.
+
+    ``CE(f(x_adv), y)`` with ``x_adv`` = FGSM-RS of step ``cfg.fgsm_rs_alpha_ratio * cfg.eps`` in
     ``Linf(cfg.eps)`` (crafted in eval mode, see :func:`logitpair.methods.crafting.fgsm_rs`), reduced
     by ``cfg.ce_reduction``. Same as ``mpgd`` with ``attack="fgsm-rs"``, ``adv_fraction=1``.
     Wong et al. 2020, https://arxiv.org/abs/2001.03994."""

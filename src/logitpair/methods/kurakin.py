@@ -131,7 +131,9 @@ def _mixed_batch_loss(
 def kurakin_loss(
     model: nn.Module, x: Tensor, y: Tensor, cfg: KurakinSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Kurakin et al. 2017 (https://arxiv.org/abs/1611.01236): first half of the batch step-l.l.
+    """Single-step adversarial training (Kurakin et al. 2017): step-l.l. examples in a weighted batch mix.
+
+    Kurakin et al. 2017 (https://arxiv.org/abs/1611.01236): first half of the batch step-l.l.
     examples (per-example random ``eps_i`` in ``[0, cfg.eps]``), loss
     ``(sum CE_clean + 0.3 sum CE_adv) / (m - k + 0.3 k)``."""
     return _mixed_batch_loss(model, ctx.unwrap(model), x, y, cfg, ctx, "step-ll")
@@ -141,7 +143,9 @@ def kurakin_loss(
 def ens_adv_loss(
     model: nn.Module, x: Tensor, y: Tensor, cfg: EnsAdvSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Ensemble adversarial training (Tramèr et al. 2018, https://arxiv.org/abs/1705.07204): Kurakin's
+    """Ensemble adversarial training (Tramèr et al. 2018): Kurakin's mix, crafted on static models in turn.
+
+    Ensemble adversarial training (Tramèr et al. 2018, https://arxiv.org/abs/1705.07204): Kurakin's
     batch mix and loss, the adversarial half crafted with ``cfg.ens_attack`` on the source
     ``ctx.step % (1 + len(ctx.static_models))`` (0 = current model). Without static models:
     ``kurakin`` (with ``fgsm`` in place of step-l.l. if asked)."""

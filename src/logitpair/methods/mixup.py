@@ -90,7 +90,9 @@ def mix_permutation(x: Tensor, ctx: BatchContext) -> Tensor:
 def mixup_loss(
     model: nn.Module, x: Tensor, y: Tensor, cfg: MixupSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``lambda CE(f(x~), y) + (1 - lambda) CE(f(x~), y[perm])`` with ``x~ = lambda x + (1 - lambda)
+    """mixup (Zhang et al. 2018): cross-entropy on convex combinations of image pairs and of their labels.
+
+    ``lambda CE(f(x~), y) + (1 - lambda) CE(f(x~), y[perm])`` with ``x~ = lambda x + (1 - lambda)
     x[perm]`` and ``lambda ~ Beta(cfg.alpha, cfg.alpha)`` (default alpha 1.0, the
     reference's CIFAR-10 value; 0.2 for ImageNet; Zhang et al. 2018, https://arxiv.org/abs/1710.09412).
     Equals the CE of the mixed one-hot targets.

@@ -77,7 +77,9 @@ def mixed_ce(clean: Tensor | None, adv: Tensor, y: Tensor, cfg: MPGDSettings) ->
 def mpgd_loss(
     model: nn.Module, x: Tensor, y: Tensor, cfg: MPGDSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``1/2 CE(clean) + 1/2 CE(PGD)``: CE over the joint batch, reduced by ``cfg.ce_reduction``
+    """Mixed-minibatch PGD adversarial training (M-PGD): half clean, half PGD cross-entropy.
+
+    ``1/2 CE(clean) + 1/2 CE(PGD)``: CE over the joint batch, reduced by ``cfg.ce_reduction``
     (default mean). PGD: ``cfg.attack_steps`` steps of ``cfg.attack_step_size`` in ``Linf(cfg.eps)``.
     With ``cfg.adv_fraction`` f: ``(1 - f) CE(clean) + f CE(adv)``; f = 1 trains on the adversarial
     batch alone (Madry et al. 2018, https://arxiv.org/abs/1706.06083; no clean forward)."""
@@ -96,7 +98,9 @@ def mpgd_loss(
 def alp_loss(
     model: nn.Module, x: Tensor, y: Tensor, cfg: ALPSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """M-PGD loss ``+ cfg.lam * D(f(x), f(x_adv))``.
+    """Adversarial Logit Pairing (Kannan et al. 2018): M-PGD plus λ · a clean-adversarial logit distance.
+
+    M-PGD loss ``+ cfg.lam * D(f(x), f(x_adv))``.
 
     ``D`` is ``pair_distance(..., cfg.distance, cfg.pair_reduction)``: by default the squared
     logit difference averaged over batch and classes (the official ``mean_squared_error``).

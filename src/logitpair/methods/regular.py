@@ -13,7 +13,9 @@ from logitpair.methods.settings import LossSettings
 def regular_loss(
     model: nn.Module, x: Tensor, y: Tensor, cfg: LossSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``CE(f(x), y)``, reduced by ``cfg.ce_reduction`` (default: mean over the batch)."""
+    """Regular (undefended) training: cross-entropy on clean inputs.
+
+    ``CE(f(x), y)``, reduced by ``cfg.ce_reduction`` (default: mean over the batch)."""
     logits = model(x)
     loss = cross_entropy(logits, y, cfg)
     return loss, {"ce": loss.detach(), "acc": accuracy(logits, y)}

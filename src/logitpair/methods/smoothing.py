@@ -29,7 +29,9 @@ class LSSettings(LossSettings):
 def ls_loss(
     model: nn.Module, x: Tensor, y: Tensor, cfg: LSSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``CE(f(x), q)`` with smoothed targets ``q = (1 - delta) one_hot(y) + delta / K``, ``delta =
+    """Label smoothing (Szegedy et al. 2016): cross-entropy against smoothed one-hot targets.
+
+    ``CE(f(x), q)`` with smoothed targets ``q = (1 - delta) one_hot(y) + delta / K``, ``delta =
     cfg.label_smoothing`` (default 0.1 here, the value of Szegedy et al.,
     https://arxiv.org/abs/1512.00567; K = number of classes; ``smoothing`` is its old name),
     reduced by ``cfg.ce_reduction``. This is PyTorch's ``label_smoothing`` convention (and

@@ -73,7 +73,9 @@ def trades_adversary(model: nn.Module, x: Tensor, cfg: StepSettings, ctx: BatchC
 def trades_loss(
     model: nn.Module, x: Tensor, y: Tensor, cfg: TRADESSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``CE(f(x), y) + cfg.beta * KL(p(x) || p(x~))``; CE reduced by ``cfg.ce_reduction`` (default
+    """TRADES (Zhang et al. 2019): CE plus β · the KL between clean and adversarial predictions.
+
+    ``CE(f(x), y) + cfg.beta * KL(p(x) || p(x~))``; CE reduced by ``cfg.ce_reduction`` (default
     mean, as the reference), KL batch-mean of the per-example sum over classes (Zhang et al. 2019,
     https://arxiv.org/abs/1901.08573)."""
     x_adv = trades_adversary(ctx.unwrap(model), x, cfg, ctx)

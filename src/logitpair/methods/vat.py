@@ -125,7 +125,9 @@ def vat_perturbation(model: nn.Module, x: Tensor, cfg: VATSettings, ctx: BatchCo
 def vat_loss(
     model: nn.Module, x: Tensor, y: Tensor, cfg: VATSettings, ctx: BatchContext
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``CE(f(x), y) + cfg.vat_alpha * KL(p(x) || p(clip(x + r_adv)))``, ``p(x)`` detached; CE
+    """Virtual adversarial training (Miyato et al. 2018): CE plus the KL to a virtual adversarial input.
+
+    ``CE(f(x), y) + cfg.vat_alpha * KL(p(x) || p(clip(x + r_adv)))``, ``p(x)`` detached; CE
     reduced by ``cfg.ce_reduction``, KL summed over classes and averaged over the batch (Miyato et al.
     2018, https://arxiv.org/abs/1704.03976)."""
     r_adv = vat_perturbation(ctx.unwrap(model), x, cfg, ctx)
