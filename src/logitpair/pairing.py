@@ -19,6 +19,8 @@ Gradients flow through both arguments; detach one to get a fixed target (VAT).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,28 +31,17 @@ REDUCTIONS = ("mean", "sum_classes", "sum")
 def pair_distance(a: Tensor, b: Tensor, distance: str = "l2sq", reduction: str = "mean") -> Tensor:
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    if distance in ("l2sq", "l1"):
-        elem = (a - b).pow(2) if distance == "l2sq" else (a - b).abs()
-        if reduction == "mean":
-            return elem.mean()
-        if reduction == "sum_classes":
-            return elem.sum(1).mean()
-        if reduction == "sum":
-            return elem.sum()
-    elif distance in ("l2", "cosine", "kl", "kl_rev", "kl_sym"):
-        if distance == "l2":
-            per = (a - b).norm(dim=1)
-        elif distance == "cosine":
-            per = 1.0 - F.cosine_similarity(a, b, dim=1)
-        else:
-            per = _kl_per_example(a, b, distance)
-        if reduction in ("mean", "sum_classes"):
-            return per.mean()
-        if reduction == "sum":
-            return per.sum()
+    if distance in _ELEMENTWISE:
+        per = _ELEMENTWISE[distance](a - b)
+        reduce = {"mean": Tensor.mean, "sum_classes": lambda t: t.sum(1).mean(), "sum": Tensor.sum}
+    elif distance in _PER_EXAMPLE:
+        per = _PER_EXAMPLE[distance](a, b)
+        reduce = {"mean": Tensor.mean, "sum_classes": Tensor.mean, "sum": Tensor.sum}
     else:
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
-    raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+    if reduction not in reduce:
+        raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+    return reduce[reduction](per)
 
 
 def _kl_per_example(a: Tensor, b: Tensor, distance: str) -> Tensor:
@@ -61,3 +52,15 @@ def _kl_per_example(a: Tensor, b: Tensor, distance: str) -> Tensor:
         return forward
     backward = (log_b.exp() * (log_b - log_a)).sum(1)
     return backward if distance == "kl_rev" else 0.5 * (forward + backward)
+
+
+# Distances between two rows of logits: elementwise (then reduced over classes and examples) or
+# one value per example (then reduced over examples; ``sum_classes`` is the mean over examples).
+_ELEMENTWISE: dict[str, Callable[[Tensor], Tensor]] = {"l2sq": lambda d: d.pow(2), "l1": Tensor.abs}
+_PER_EXAMPLE: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "l2": lambda a, b: (a - b).norm(dim=1),
+    "cosine": lambda a, b: 1.0 - F.cosine_similarity(a, b, dim=1),
+    "kl": lambda a, b: _kl_per_example(a, b, "kl"),
+    "kl_rev": lambda a, b: _kl_per_example(a, b, "kl_rev"),
+    "kl_sym": lambda a, b: _kl_per_example(a, b, "kl_sym"),
+}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
 
@@ -123,6 +124,134 @@ def halving_condition(
     return condition1 | condition2
 
 
+@dataclass
+class _Output:
+    """The point a run returns: a successful iterate if there is one (the highest-loss one),
+    else the highest-loss iterate."""
+
+    x: Tensor
+    loss: Tensor
+    succ: Tensor
+
+    def update(self, x_cur: Tensor, loss: Tensor, succ: Tensor, view: tuple[int, ...]) -> None:
+        better = (succ & ~self.succ) | ((succ == self.succ) & (loss > self.loss))
+        self.x = torch.where(better.view(view), x_cur, self.x)
+        self.loss = torch.where(better, loss, self.loss)
+        self.succ = self.succ | succ
+
+
+@dataclass
+class _Schedule:
+    """APGD's step size per example and what it is decided on: the loss history, the best-loss
+    point (with its gradient: a halving restarts there) and the state at the last checkpoint."""
+
+    eta: Tensor
+    history: Tensor
+    x_max: Tensor
+    f_max: Tensor
+    grad_max: Tensor
+    halved_last: Tensor
+    best_last: Tensor
+    w_last: int = 0
+
+    @classmethod
+    def start(cls, x: Tensor, loss: Tensor, grad: Tensor, steps: int, eps: float) -> _Schedule:
+        history = loss.new_empty(steps + 1, len(x))
+        history[0] = loss
+        return cls(
+            eta=torch.full((len(x),), 2.0 * eps, device=x.device, dtype=x.dtype),
+            history=history,
+            x_max=x,
+            f_max=loss,
+            grad_max=grad,
+            halved_last=torch.zeros(len(x), dtype=torch.bool, device=x.device),
+            best_last=loss,
+        )
+
+    def record(self, k: int, x_cur: Tensor, loss: Tensor, grad: Tensor | None, view: tuple[int, ...]) -> None:
+        """Iterate ``k + 1`` and its loss (its gradient, except after the last step)."""
+        self.history[k + 1] = loss
+        improved = loss > self.f_max
+        self.x_max = torch.where(improved.view(view), x_cur, self.x_max)
+        if grad is not None:
+            self.grad_max = torch.where(improved.view(view), grad, self.grad_max)
+        self.f_max = torch.where(improved, loss, self.f_max)
+
+    def checkpoint(self, k: int, rho: float) -> Tensor:
+        """At checkpoint ``k + 1``: halve the step where progress stalled; returns where."""
+        halve = halving_condition(
+            self.history[self.w_last : k + 2],
+            rho=rho,
+            halved_last=self.halved_last,
+            best_last=self.best_last,
+            best_now=self.f_max,
+        )
+        self.eta = torch.where(halve, 0.5 * self.eta, self.eta)
+        self.history[k + 1] = torch.where(halve, self.f_max, self.history[k + 1])
+        self.halved_last, self.best_last, self.w_last = halve, self.f_max, k + 1
+        return halve
+
+
+@dataclass
+class _Trace:
+    """What a run records into ``trace`` (nothing when ``trace`` is None)."""
+
+    on: bool
+    raw_loss: list[Tensor] = field(default_factory=list)
+    best_loss: list[Tensor] = field(default_factory=list)
+    step_sizes: list[Tensor] = field(default_factory=list)
+    halved: list[Tensor] = field(default_factory=list)
+
+    def point(self, loss: Tensor, best: Tensor) -> None:
+        if self.on:
+            self.raw_loss.append(loss)
+            self.best_loss.append(best)
+
+    def step(self, eta: Tensor) -> None:
+        if self.on:
+            self.step_sizes.append(eta)
+
+    def halve(self, halve: Tensor) -> None:
+        if self.on:
+            self.halved.append(halve)
+
+    def write(self, trace: dict[str, Any] | None, checkpoints: list[int], n: int, info: dict[str, Any]) -> None:
+        if trace is None:
+            return
+        trace.setdefault("runs", []).append(
+            {
+                "checkpoints": checkpoints,
+                "step_size": torch.stack(self.step_sizes),  # (steps, N): eta used for step k -> k+1
+                "loss": torch.stack(self.raw_loss),  # (steps + 1, N): f(x^(k)) before any restart
+                "best_loss": torch.stack(self.best_loss),  # (steps + 1, N): f_max after iterate k
+                "halved": torch.stack(self.halved) if self.halved else torch.zeros(0, n, dtype=torch.bool),
+                **info,
+            }
+        )
+
+
+def _momentum_step(
+    threat: Threat, x: Tensor, x_cur: Tensor, x_prev: Tensor, grad: Tensor, eta: Tensor, momentum: float, k: int
+) -> Tensor:
+    """``x^(k+1)`` from ``x^(k)``: a signed-gradient step of size ``eta``, then (after the first
+    step) APGD's momentum towards it, each projected into the ball."""
+    view = (-1,) + (1,) * (x.dim() - 1)
+    with torch.no_grad():
+        z = threat.project(x, x_cur + eta.view(view) * grad.sign())
+        if k > 0:
+            z = threat.project(x, x_cur + momentum * (z - x_cur) + (1.0 - momentum) * (x_cur - x_prev))
+    return z
+
+
+def _loss_at(model: nn.Module, x: Tensor, loss_fn: LossFn, need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(loss, logits, input gradient or None) at ``x``; the last iterate needs no gradient."""
+    if need_grad:
+        return loss_grad(model, x, loss_fn)
+    with torch.no_grad():
+        logits = model(x)
+        return loss_fn(logits), logits, None
+
+
 def _apgd_run(
     model: nn.Module,
     x: Tensor,
@@ -148,73 +277,25 @@ def _apgd_run(
 
     x_cur = threat.random_init(x, generator) if start is None else threat.project(x, start.detach())
     loss, logits, grad = loss_grad(model, x_cur, loss_fn)
-    out_x, out_loss, out_succ = x_cur, loss, success_fn(logits)
-    x_max, f_max, grad_max = x_cur, loss, grad
+    out = _Output(x_cur, loss, success_fn(logits))
+    schedule = _Schedule.start(x_cur, loss, grad, steps, threat.eps)
+    record = _Trace(on=trace is not None)
+    record.point(loss, loss)
     x_prev = x_cur
-    eta = torch.full((len(x),), 2.0 * threat.eps, device=x.device, dtype=x.dtype)
-    history = loss.new_empty(steps + 1, len(x))
-    history[0] = loss
-    halved_last = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    best_last, w_last = f_max, 0
-    if trace is not None:
-        raw_loss, best_loss, step_sizes, halved = [loss], [f_max], [], []
-
     for k in range(steps):
-        # Step from x^(k) to x^(k+1); the first step has no momentum.
-        with torch.no_grad():
-            z = threat.project(x, x_cur + eta.view(view) * grad.sign())
-            if k > 0:
-                z = threat.project(x, x_cur + momentum * (z - x_cur) + (1.0 - momentum) * (x_cur - x_prev))
-            x_prev, x_cur = x_cur, z
-        if trace is not None:
-            step_sizes.append(eta)
-        if k + 1 < steps:
-            loss, logits, grad = loss_grad(model, x_cur, loss_fn)
-        else:  # the last iterate needs no gradient
-            with torch.no_grad():
-                logits = model(x_cur)
-                loss = loss_fn(logits)
-        history[k + 1] = loss
-
-        # Bookkeeping on this forward's logits: best-loss point (for restarts) and output point.
-        improved = loss > f_max
-        x_max = torch.where(improved.view(view), x_cur, x_max)
-        if k + 1 < steps:
-            grad_max = torch.where(improved.view(view), grad, grad_max)
-        f_max = torch.where(improved, loss, f_max)
-        succ = success_fn(logits)
-        better = (succ & ~out_succ) | ((succ == out_succ) & (loss > out_loss))
-        out_x = torch.where(better.view(view), x_cur, out_x)
-        out_loss = torch.where(better, loss, out_loss)
-        out_succ = out_succ | succ
-        if trace is not None:
-            raw_loss.append(loss)
-            best_loss.append(f_max)
-
-        if k + 1 in checkpoints:
-            halve = halving_condition(
-                history[w_last : k + 2], rho=rho, halved_last=halved_last, best_last=best_last, best_now=f_max
-            )
-            eta = torch.where(halve, 0.5 * eta, eta)
-            x_cur = torch.where(halve.view(view), x_max, x_cur)
-            grad = torch.where(halve.view(view), grad_max, grad)
-            history[k + 1] = torch.where(halve, f_max, history[k + 1])
-            halved_last, best_last, w_last = halve, f_max, k + 1
-            if trace is not None:
-                halved.append(halve)
-
-    if trace is not None:
-        trace.setdefault("runs", []).append(
-            {
-                "checkpoints": checkpoints,
-                "step_size": torch.stack(step_sizes),  # (steps, N): eta used for step k -> k+1
-                "loss": torch.stack(raw_loss),  # (steps + 1, N): f(x^(k)) before any restart
-                "best_loss": torch.stack(best_loss),  # (steps + 1, N): f_max after iterate k
-                "halved": torch.stack(halved) if halved else torch.zeros(0, len(x), dtype=torch.bool),
-                **trace_info,
-            }
-        )
-    return out_x, out_loss, out_succ
+        x_prev, x_cur = x_cur, _momentum_step(threat, x, x_cur, x_prev, grad, schedule.eta, momentum, k)
+        record.step(schedule.eta)
+        loss, logits, grad = _loss_at(model, x_cur, loss_fn, need_grad=k + 1 < steps)
+        schedule.record(k, x_cur, loss, grad, view)
+        out.update(x_cur, loss, success_fn(logits), view)
+        record.point(loss, schedule.f_max)
+        if k + 1 in checkpoints:  # never the last step: grad is set
+            halve = schedule.checkpoint(k, rho)
+            x_cur = torch.where(halve.view(view), schedule.x_max, x_cur)
+            grad = torch.where(halve.view(view), schedule.grad_max, grad)
+            record.halve(halve)
+    record.write(trace, checkpoints, len(x), trace_info)
+    return out.x, out.loss, out.succ
 
 
 def _make_loss(name: str, y: Tensor, target: Tensor | None, k: int = 1) -> LossFn:
