@@ -305,7 +305,7 @@ def test_run_store_computes_each_key_once_and_keeps_crashes(trained_model, point
 
 # --------------------------------------------------------------------------- run directory + CLI
 def test_audit_run_writes_json_markdown_and_plots(tiny_run):
-    doc = audit_run(tiny_run, n=30, settings=SMALL)
+    doc = audit_run(tiny_run, n=30, settings=SMALL, write=True)
     assert doc["verdict"] in ("pass", "suspect") and doc["n"] == 30 and doc["eps"] == pytest.approx(0.1)
     assert [c["name"] for c in doc["checks"]] == list(CHECK_NAMES)
     assert all(c["passed"] in (True, False, None) for c in doc["checks"])

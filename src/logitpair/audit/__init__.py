@@ -2,7 +2,7 @@
 
 ``audit(model, x, y, threat=...)`` runs the checks (:mod:`logitpair.audit.checks`, documented
 in :mod:`logitpair.audit.docs`), which share their attack runs through a keyed store
-(:mod:`logitpair.audit.store`); ``audit_run(run_dir)`` does it on a run directory and writes
+(:mod:`logitpair.audit.store`); ``audit_run(run_dir, write=True)`` does it on a run directory and writes
 ``audit.json``, ``audit.md`` and plots (:mod:`logitpair.audit.report`).
 """
 

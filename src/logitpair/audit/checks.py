@@ -17,7 +17,7 @@ Example::
 
     report = audit(model, x, y, threat=Linf(0.1), quick=True)
     print(report.verdict, report.reasons)
-    audit_run("runs/lsq", quick=True)          # writes audit.json, audit.md and plots (audit.run)
+    audit_run("runs/lsq", quick=True, write=True)  # writes audit.json, audit.md and plots (audit.run)
 
 Each check is a function ``check_<name>(inputs, runs)`` of explicit inputs
 (:class:`AuditInputs`: model, points, threat, source, seed, settings) and of a keyed

@@ -38,7 +38,7 @@ def audit_run(
     seed: int = 0,
     data_dir: str | None = None,
     progress: ProgressFactory = null_progress,
-    write: bool = True,
+    write: bool,
     eps: float | None = None,
     settings: AuditSettings | None = None,
     device: str = "cpu",

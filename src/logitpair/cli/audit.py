@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         eps=args.eps,
         settings=settings,
         device=args.device,
+        write=True,
     )
     print(json.dumps(doc, indent=2) if args.json else audit_markdown(doc))
     return 0

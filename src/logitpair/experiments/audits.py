@@ -46,7 +46,7 @@ def row_audit(dirs: dict[str, Path], row: Row, plan: Plan, data_dir: str | None,
     if saved is not None:
         return saved
     aud = audit_run(run_dir, source=source, n=plan.audit_points, seed=opts.seed, data_dir=data_dir,
-                    eps=plan.eps, settings=plan.audit, progress=progress, device=str(device or "cpu"))  # fmt: skip
+                    eps=plan.eps, settings=plan.audit, progress=progress, device=str(device or "cpu"), write=True)  # fmt: skip
     result = {"verdict": aud["verdict"], "failed": [c["name"] for c in aud["checks"] if c["passed"] is False],
               "reasons": aud.get("reasons", [])}  # fmt: skip
     write_json(cache, {"key": key, "result": result})

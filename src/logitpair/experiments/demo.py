@@ -249,7 +249,7 @@ def _evaluate_job(
     grid = _grid(model, x[:GRID_IMAGES], y[:GRID_IMAGES], splits.test.classes)
     aud = audit_run(
         run_dir, source=source_dir, n=min(n, opts.audit_points), data_dir=opts.data_dir, eps=EPS,
-        settings=opts.audit or DEMO_AUDIT,
+        settings=opts.audit or DEMO_AUDIT, write=True,
     )  # fmt: skip
     return {"ev": ev, "curve": curve, "grid": grid, "norms": predict(model, x).norm(dim=1),
             "audit": aud}  # fmt: skip
