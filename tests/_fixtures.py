@@ -204,3 +204,24 @@ def write_imagenet(
             write_image(root / "val" / wnid / f"ILSVRC2012_val_{c * n_val + i:08d}.JPEG", 100 + k + i, (50, 37))
     (root / "train" / "LOC_synset_mapping.txt").write_text("ignored\n")
     return root
+
+
+def tiny_train_config(data_dir: Path, epochs: int, **overrides):
+    """A LeNet-5 training config on the generated MNIST files of ``data_dir`` (the ``data_dir``
+    fixture) with 1-step attacks and 20 validation points; ``overrides`` replace top-level keys
+    (dicts are merged into their section); the ``loss`` section holds what the method takes."""
+    from logitpair.config import loss_for, make_config
+
+    base = {
+        "model": "lenet5",
+        "seed": 1,
+        "val_points": 20,
+        "val_attack_steps": 1,
+        "data": {"dataset": "mnist", "data_dir": str(data_dir), "val_size": 50},
+        "optim": {"epochs": epochs, "batch_size": 100},
+        "loss": {"attack_steps": 1},
+    }
+    base["loss"] = loss_for(overrides.get("method", "alp"), base["loss"])
+    for k, v in overrides.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) else v
+    return make_config(None, base)

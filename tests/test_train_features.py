@@ -8,27 +8,15 @@ import json
 
 import pytest
 import torch
+from _fixtures import tiny_train_config
 from safetensors.torch import load_file
 
 from logitpair.checkpoint import latest_checkpoint, load_checkpoint
-from logitpair.config import loss_for, make_config
 from logitpair.training import loop, train
 
 
 def cfg_for(data_dir, **kw):
-    base = {
-        "model": "lenet5",
-        "seed": 1,
-        "val_points": 20,
-        "val_attack_steps": 1,
-        "data": {"dataset": "mnist", "data_dir": str(data_dir), "val_size": 50},
-        "optim": {"epochs": 3, "batch_size": 100},
-        "loss": {"attack_steps": 1},
-    }
-    base["loss"] = loss_for(kw.get("method", "alp"), base["loss"])  # the settings the method takes
-    for k, v in kw.items():
-        base[k] = {**base[k], **v} if isinstance(v, dict) else v
-    return make_config(None, base)
+    return tiny_train_config(data_dir, epochs=3, **kw)
 
 
 def test_guard_restores_previous_epoch_on_forced_collapse(tmp_path, data_dir, monkeypatch):

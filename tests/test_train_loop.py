@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _fixtures import tiny_train_config
 from torch import nn
 
 from logitpair.cli import main
-from logitpair.config import loss_for, make_config
 from logitpair.data.base import default_val_size
 from logitpair.errors import CheckpointError, ConfigError, TrainingDiverged
 from logitpair.modes import ATTACK_AUTOCAST, attack_autocast
@@ -24,19 +24,7 @@ DATA = Path(__file__).parent / "data"
 
 
 def cfg_for(data_dir, **kw):
-    base = {
-        "model": "lenet5",
-        "seed": 1,
-        "val_points": 20,
-        "val_attack_steps": 1,
-        "data": {"dataset": "mnist", "data_dir": str(data_dir), "val_size": 50},
-        "optim": {"epochs": 1, "batch_size": 100},
-        "loss": {"attack_steps": 1},
-    }
-    base["loss"] = loss_for(kw.get("method", "alp"), base["loss"])
-    for k, v in kw.items():
-        base[k] = {**base[k], **v} if isinstance(v, dict) else v
-    return make_config(None, base)
+    return tiny_train_config(data_dir, epochs=1, **kw)
 
 
 # --------------------------------------------------------------------------- the loop's state

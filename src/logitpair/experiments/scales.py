@@ -246,23 +246,13 @@ class SmokeScale(Scale):
 SCALES: dict[str, Scale] = {s.name: s for s in (SmokeScale(), SmallScale(), FullScale())}
 
 
-@dataclass(frozen=True)
-class Plan:
+@dataclass(frozen=True, kw_only=True)
+class Plan(ScaleEval):
     """A preset at a scale: the evaluation's settings (the configs come from ``reproduce.row_config``)."""
 
     preset: Preset
     scale: Scale
     dataset: str
-    eps: float
-    n: int | None
-    paper: AttackSpec
-    long: AttackSpec
-    suite_name: str
-    suite: tuple[AttackSpec, ...]
-    targeted_suite: tuple[AttackSpec, ...]
-    audit: AuditSettings
-    audit_points: int
-    substitutions: tuple[str, ...]
 
 
 def plan_for(preset: Preset, scale: Scale, dataset: str | None, n: int | None, seeds: int) -> Plan:
@@ -271,5 +261,5 @@ def plan_for(preset: Preset, scale: Scale, dataset: str | None, n: int | None, s
     dataset = dataset or scale.default_dataset(preset)
     ev = scale.evaluation(preset, dataset, n, seeds)
     subs = [f"dataset {dataset} instead of the paper's {preset.dataset} (ours)"] if dataset != preset.dataset else []
-    return Plan(preset, scale, dataset, ev.eps, ev.n, ev.paper, ev.long, ev.suite_name, ev.suite, ev.targeted_suite,
-                ev.audit, ev.audit_points, (*subs, *ev.substitutions))  # fmt: skip
+    values = {**vars(ev), "substitutions": (*subs, *ev.substitutions)}
+    return Plan(**values, preset=preset, scale=scale, dataset=dataset)
