@@ -79,7 +79,7 @@ def attack_context(model: nn.Module) -> Iterator[nn.Module]:
         torch.enable_grad(),
         eval_mode(model),
         frozen_params(model),
-        torch.autocast("cpu", enabled=keep and torch.is_autocast_cpu_enabled()),
-        torch.autocast("cuda", enabled=keep and torch.is_autocast_enabled()),
+        torch.autocast("cpu", enabled=keep and torch.is_autocast_enabled("cpu")),
+        torch.autocast("cuda", enabled=keep and torch.is_autocast_enabled("cuda")),
     ):
         yield model
