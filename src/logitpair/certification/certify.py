@@ -8,7 +8,8 @@ cannot tell). Certified accuracy is a lower bound on the accuracy under *any* at
 below every attacked accuracy on the same points (the "sandwich", :mod:`.sandwich`).
 
 The per-point record is kept in the evaluation cache (:mod:`logitpair.evaluation.cache`), keyed
-by the model's weights, the points, the threat, the method and its options and the batch size:
+by the model's weights, the points, the threat, the method and its options, the batch size and
+the device:
 with ``state_path`` an interrupted call continues at the first batch not yet done. Example::
 
     res = logitpair.certify(model, x, y, threat=Linf(0.1), method="crown")
@@ -145,9 +146,9 @@ def certify(
     if len(x) != len(y):
         raise ConfigError(f"{len(x)} points but {len(y)} labels")
     opts = dict(options or {})
-    fp = _fingerprint(model, x, y, threat, method, {"options": opts, "batch_size": batch_size})
-    cache = EvalCache(Path(state_path) if state_path is not None else None, fp)
     device = model_device(model)
+    fp = _fingerprint(model, x, y, threat, method, {"options": opts, "batch_size": batch_size, "device": str(device)})
+    cache = EvalCache(Path(state_path) if state_path is not None else None, fp)
 
     def step(b: int, start: int, stop: int, st: dict[str, Tensor]) -> None:
         t0 = time.perf_counter()
