@@ -10,6 +10,7 @@ model's. Anything else is a :class:`~logitpair.errors.ConfigError` naming the la
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable
 
@@ -166,18 +167,11 @@ def trace_chain(model: nn.Module) -> list[Op]:
     """The model's layers as a list of ops, in forward order (no shapes yet)."""
     graph = _trace(model)
     modules = dict(model.named_modules())
-    ops: list[Op] = []
-    previous: fx.Node | None = None
-    for node in graph.nodes:
-        if node.op == "output":
-            break
-        if previous is not None:
-            _check_chain(node, previous)
-        previous = node
-        if node.op != "placeholder":
-            op = _node_op(node, modules)
-            ops.extend([op] if op is not None else [])
-    return ops
+    nodes = [n for n in graph.nodes if n.op != "output"]
+    converted = [_node_op(n, modules) for n in nodes if n.op != "placeholder"]
+    for previous, node in itertools.pairwise(nodes):
+        _check_chain(node, previous)
+    return [op for op in converted if op is not None]
 
 
 def build_chain(model: nn.Module, example: Tensor) -> list[Op]:
