@@ -144,13 +144,15 @@ def alpha_crown(
         for i, op in enumerate(ops)
         if isinstance(op, ReLU)
     }
+    if not alphas:
+        return concretize(*backward(ops, len(ops), spec, bounds), *box, rtol)
     optimizer = torch.optim.Adam(list(alphas.values()), lr=lr)
     best = None
     for step in range(iterations + 1):
         with torch.enable_grad():
             value = concretize(*backward(ops, len(ops), spec, bounds, alphas), *box, rtol)
             best = value.detach() if best is None else torch.maximum(best, value.detach())
-            if step == iterations or not alphas:
+            if step == iterations:
                 break
             grads = torch.autograd.grad(-value.sum(), list(alphas.values()))
         for a, g in zip(alphas.values(), grads):
