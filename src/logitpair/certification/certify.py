@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from logitpair import bounds
 from logitpair.attacks.common import model_device, predict
+from logitpair.bounds import METHODS
 from logitpair.errors import ConfigError
 from logitpair.evaluation.cache import EvalCache, Fingerprint, run_batches, weights_digest
 from logitpair.metrics import summarize
@@ -36,7 +38,6 @@ from logitpair.modes import eval_mode
 from logitpair.progress import ProgressFactory, null_progress
 from logitpair.threat import Linf
 
-METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 STATUSES = ("not_certified", "certified", "wrong_clean")
 
 
@@ -109,8 +110,6 @@ def _certify_batch(
     model: nn.Module, xb: Tensor, yb: Tensor, threat: Linf, method: str, options: Mapping[str, Any]
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Clean correctness, certified flags and lowest margin bounds of one batch (on its device)."""
-    from logitpair import bounds
-
     correct = predict(model, xb).argmax(1) == yb
     margin = torch.full((len(yb),), float("nan"), dtype=torch.float64, device=xb.device)
     idx = correct.nonzero().flatten()
