@@ -2,14 +2,14 @@
 
 Implements Adversarial Logit Pairing (Kannan, Kurakin, Goodfellow 2018) and the methods,
 attacks and checks around it. Public entry points: :func:`load_model`, :func:`load_run`
-(model + :class:`~logitpair.checkpoint.RunInfo`), :func:`create_model`, :func:`evaluate`,
+(model + :class:`~logitpair.checkpoint.RunInfo`), :func:`create_model`, :func:`evaluate`, :func:`certify`,
 :class:`Linf`, ``logitpair.attacks.*`` and ``logitpair.audit.audit``.
 """
 
 from logitpair._version import __version__
 from logitpair.threat import Linf
 
-__all__ = ["Linf", "__version__", "create_model", "evaluate", "load_model", "load_run"]
+__all__ = ["Linf", "__version__", "certify", "create_model", "evaluate", "load_model", "load_run"]
 
 
 def load_model(path, *, device="cpu"):
@@ -40,3 +40,11 @@ def evaluate(model, x, y, **kwargs):
     from logitpair.evaluation import evaluate as _evaluate
 
     return _evaluate(model, x, y, **kwargs)
+
+
+def certify(model, x, y, **kwargs):
+    """Certify points with bound propagation (per-point status, certified accuracy); see
+    :func:`logitpair.certification.certify`."""
+    from logitpair.certification import certify as _certify
+
+    return _certify(model, x, y, **kwargs)

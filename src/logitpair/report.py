@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -33,8 +33,10 @@ def _plt():
     return plt
 
 
-def plot_curves(path: Path, curves: dict[str, list[dict[str, Any]]], xkey: str, xlabel: str, title: str) -> None:
-    """One line per method: robust accuracy (with 95% CI band) against ``xkey``."""
+def plot_curves(
+    path: Path | BinaryIO, curves: dict[str, list[dict[str, Any]]], xkey: str, xlabel: str, title: str
+) -> None:
+    """One line per method: robust accuracy (with 95% CI band) against ``xkey``; PNG into ``path`` (a file or a buffer)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for name, rows in curves.items():
@@ -51,7 +53,7 @@ def plot_curves(path: Path, curves: dict[str, list[dict[str, Any]]], xkey: str, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
 
 

@@ -1,13 +1,16 @@
-"""``logitpair evaluate``: clean, white-box and black-box accuracy of a run."""
+"""``logitpair evaluate``: clean, white-box and black-box accuracy of a run; with ``--certify METHOD``
+also certified accuracy on the same points and the sandwich (certified ≤ attacked ≤ clean)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
+from logitpair.certification.certify import METHODS
 from logitpair.cli.common import fraction, quiet
-from logitpair.progress import make_progress
+from logitpair.progress import ProgressFactory, make_progress
 
 
 def run(args: argparse.Namespace) -> int:
@@ -15,6 +18,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.suite != "none":
         get_suite(args.suite)  # validate before any work
+    if args.certify is not None:
+        from logitpair.certification import check_method
+
+        check_method(args.certify, option="certify")
     opts = EvalOptions(
         n=args.n, eps=args.eps, steps=args.steps, restarts=args.restarts, step_size=args.step_size,
         targeted=args.targeted, top5=args.top5, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size,
@@ -22,12 +29,38 @@ def run(args: argparse.Namespace) -> int:
         attacks=tuple(parse_attacks(args.attacks)) if args.attacks else (),
         save_adversarial=args.save_adversarial, resume=not args.no_resume, device=args.device,
     )  # fmt: skip
-    ev = evaluate_run(args.run, opts, source=args.source, progress=make_progress(quiet(args)), write=True)
+    progress = make_progress(quiet(args))
+    ev = evaluate_run(args.run, opts, source=args.source, progress=progress, write=True)
+    text = evaluation_markdown(ev)
+    if args.certify is not None:
+        text += _add_certified(args, ev, progress)
     if args.json:
         print(json.dumps(ev, indent=2))
     else:
-        print(evaluation_markdown(ev))
+        print(text)
     return 0
+
+
+def _add_certified(args: argparse.Namespace, ev: dict[str, Any], progress: ProgressFactory) -> str:
+    """Certify the evaluated points (``--certify``), add the figures and the sandwich to
+    ``evaluation.json`` / ``evaluation.md``; the Markdown section added."""
+    from logitpair.certification import CertifyOptions, certify_run, sandwich_markdown
+    from logitpair.evaluation import evaluation_markdown
+    from logitpair.io import write_json, write_text
+    from logitpair.report import pct_ci
+
+    opts = CertifyOptions(method=args.certify, eps=args.eps, n=args.n, batch_size=args.batch_size, eps_curve=(),
+                          device=args.device, data_dir=args.data_dir, resume=not args.no_resume, seed=args.seed)  # fmt: skip
+    doc = certify_run(args.run, opts, evaluation=ev, progress=progress, write=False)
+    ev["certified"] = {**doc["certify"], "sandwich": doc["sandwich"][-1] if doc["sandwich"] else None}
+    c = doc["certify"]
+    text = f"\n## Certified ({args.certify})\n\nCertified accuracy {pct_ci(c['certified'])} % of {c['n']} points, "
+    text += f"{c['seconds_per_point']:.3g} s per point.\n\n" + sandwich_markdown(doc["sandwich"], args.certify)
+    run_dir = Path(args.run)
+    if run_dir.is_dir():
+        write_json(run_dir / "evaluation.json", ev)
+        write_text(run_dir / "evaluation.md", evaluation_markdown(ev) + text)
+    return text
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -58,6 +91,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--data-dir", help="override the dataset folder")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N; attacks run in float32")
+    p.add_argument(
+        "--certify", metavar="METHOD",
+        help=f"also certify the same points ({', '.join(METHODS)}) and show the sandwich certified <= attacked <= clean",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)

@@ -1,5 +1,5 @@
 """The ``logitpair`` command: the parser and the entry point. One module per subcommand
-(``train``, ``evaluate``, ``audit``, ``demo``, ``list``), each with ``add_parser`` and ``run``."""
+(``train``, ``evaluate``, ``certify``, ``audit``, ``demo``, ``list``, ...), each with ``add_parser`` and ``run``."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import re
 import sys
 
 from logitpair._version import __version__
-from logitpair.cli import audit, demo, evaluate, listing, reproduce, train, transfer
+from logitpair.cli import audit, certify, demo, evaluate, listing, reproduce, train, transfer
 from logitpair.errors import ConfigError, LogitpairError
 from logitpair.training.distributed import env_world
 
-SUBCOMMANDS = (train, evaluate, audit, demo, listing, transfer, reproduce)
+SUBCOMMANDS = (train, evaluate, certify, audit, demo, listing, transfer, reproduce)
 
 
 def build_parser() -> argparse.ArgumentParser:

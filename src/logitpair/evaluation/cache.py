@@ -75,6 +75,21 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def points_digest(x: Tensor, y: Tensor) -> str:
+    """SHA-256 of the points and labels: two records describe the same points when it is equal."""
+    return Fingerprint("points").json([list(x.shape), str(x.dtype)]).tensors(x, y).hexdigest()
+
+
+def flags_text(flags: Tensor) -> str:
+    """A boolean vector as a string of ``0``/``1`` (per-example records in JSON reports)."""
+    return "".join("1" if f else "0" for f in flags.tolist())
+
+
+def text_flags(text: str) -> Tensor:
+    """The inverse of :func:`flags_text`."""
+    return torch.tensor([c == "1" for c in text], dtype=torch.bool)
+
+
 @dataclass(frozen=True)
 class EvalCache:
     """One state file (``path``; None: nothing is stored) for the evaluation with ``fingerprint``."""

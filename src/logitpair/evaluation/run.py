@@ -27,7 +27,7 @@ from logitpair.data import load_dataset, take
 from logitpair.environment import parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.blackbox import black_box
-from logitpair.evaluation.cache import weights_digest
+from logitpair.evaluation.cache import flags_text, points_digest, weights_digest
 from logitpair.evaluation.protocol import ProtocolResult, run_protocol
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.evaluation.suites import get_suite
@@ -156,6 +156,7 @@ def evaluate_run(
         "clean": summary["clean"],
         "pgd": {**summarize(wb.clean_correct & (wb.broken_by != 0)), "attack": baseline.to_dict()},
         "white_box": summary,
+        "per_example": per_example(x, y, wb),
     }
     if src is not None:
         out["black_box"] = _black_box(model, src, source_runs(source), x, y, opts, threat, state_dir, progress)
@@ -167,6 +168,12 @@ def evaluate_run(
         write_json(run_dir / "evaluation.json", out)
         write_text(run_dir / "evaluation.md", evaluation_markdown(out))
     return out
+
+
+def per_example(x: Tensor, y: Tensor, wb: ProtocolResult) -> dict[str, str]:
+    """The white-box record per point, for comparisons on the same points (``certify``'s sandwich):
+    the points' digest, and clean and worst-case correctness as ``0``/``1`` strings."""
+    return {"points": points_digest(x, y), "clean": flags_text(wb.clean_correct), "robust": flags_text(wb.robust)}
 
 
 def _common(opts: EvalOptions, threat: Linf) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Forward contract: deterministic, differentiable with respect to the input, no no
 no ``no_grad``/``detach`` inside; normalisation, if any, is a layer of the model.
 """
 
-from logitpair.models import inception, lenet, preact_resnet, resnet, revnet  # noqa: F401  (register the models)
+from logitpair.models import ibp_small, inception, lenet, preact_resnet, resnet, revnet  # noqa: F401  (register the models)
 from logitpair.models.ensemble import EnsembleLogits
 from logitpair.models.registry import MODELS, create_model, list_models
 

@@ -1,0 +1,257 @@
+"""One small object per layer type, with the three things bound propagation asks of a layer.
+
+Every op maps a batch ``z`` of shape ``(N, *in_shape)`` to ``(N, *out_shape)`` and offers
+
+- ``forward(z)``: the layer itself (the chain's output is checked against the model's);
+- ``ibp(l, u, rtol)``: an interval ``[l, u]`` of its inputs to one of its outputs (Gowal et al. 2018);
+- ``back(A, ...) -> (A', bias, mag)``: a linear lower bound ``A·out ≥ A'·in + bias`` pulled back
+  through the layer (CROWN, Zhang et al. 2018). ``A`` has shape ``(B, S, *out_shape)`` (S rows
+  of a specification per point), ``A'`` shape ``(B, S, *in_shape)``; ``bias`` and ``mag``
+  (the sum of the absolute values of the terms summed into ``bias``, for the round-off margin)
+  have shape ``(B, S)``.
+
+Affine ops (:class:`Dense`, :class:`Conv`, :class:`ChannelAffine`, :class:`Reshape`,
+:class:`Pool`) pull back exactly; :class:`ReLU` and :class:`MaxPool` are ``nonlinear`` and
+take the interval of their inputs (and, for the ReLU, optional lower slopes ``alpha``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from math import prod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _rest(t: Tensor) -> tuple[int, ...]:
+    """The dimensions after (B, S)."""
+    return tuple(range(2, t.dim()))
+
+
+class Op:
+    """Base class: shapes are set by :func:`logitpair.bounds.graph.build_chain` on an example."""
+
+    nonlinear = False
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+
+    def forward(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class Affine(Op):
+    """``z -> L(z) + b``: ``forward``, ``linear_abs(r) = |L| r`` and ``back`` define it."""
+
+    def linear_abs(self, r: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def back(self, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def ibp(self, lower: Tensor, upper: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
+        """Centre and radius: ``L(mid) + b ± |L|(rad)``, the radius widened by ``rtol`` times the
+        magnitude of the terms (``|L|(|mid| + rad)`` and the result) against round-off."""
+        mid, rad = (upper + lower) / 2, (upper - lower) / 2
+        centre = self.forward(mid)
+        radius = self.linear_abs(rad * (1 + rtol) + rtol * mid.abs()) + rtol * centre.abs()
+        return centre - radius, centre + radius
+
+
+class Dense(Affine):
+    """``nn.Linear``."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.linear(z, self.weight, self.bias)
+
+    def linear_abs(self, r: Tensor) -> Tensor:
+        return F.linear(r, self.weight.abs())
+
+    def back(self, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.bias is None:
+            zero = A.new_zeros(A.shape[:2])
+            return A @ self.weight, zero, zero
+        return A @ self.weight, A @ self.bias, A.abs() @ self.bias.abs()
+
+
+class Conv(Affine):
+    """``nn.Conv2d`` with dilation 1 and groups 1 (any stride and zero padding)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, stride: tuple[int, int], padding: tuple[int, int]) -> None:
+        self.weight, self.bias, self.stride, self.padding = weight, bias, stride, padding
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.conv2d(z, self.weight, self.bias, self.stride, self.padding)
+
+    def linear_abs(self, r: Tensor) -> Tensor:
+        return F.conv2d(r, self.weight.abs(), None, self.stride, self.padding)
+
+    def back(self, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, s = A.shape[:2]
+        k = self.weight.shape[-2:]
+        extra = tuple(
+            self.in_shape[1 + d] - ((self.out_shape[1 + d] - 1) * self.stride[d] - 2 * self.padding[d] + k[d])
+            for d in range(2)
+        )
+        flat = A.reshape(b * s, *self.out_shape)
+        out = F.conv_transpose2d(flat, self.weight, None, self.stride, self.padding, extra)
+        out = out.reshape(b, s, *self.in_shape)
+        if self.bias is None:
+            zero = A.new_zeros(b, s)
+            return out, zero, zero
+        return out, A.sum((-2, -1)) @ self.bias, A.abs().sum((-2, -1)) @ self.bias.abs()
+
+
+class ChannelAffine(Affine):
+    """Per-channel ``z * scale + shift``: BatchNorm in eval mode, the models' ``Normalize``.
+
+    ``scale`` and ``shift`` are shaped to broadcast against the trailing dimensions, e.g.
+    ``(C, 1, 1)`` for images and ``(C,)`` for features."""
+
+    def __init__(self, scale: Tensor, shift: Tensor) -> None:
+        self.scale, self.shift = scale, shift
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z * self.scale + self.shift
+
+    def linear_abs(self, r: Tensor) -> Tensor:
+        return r * self.scale.abs()
+
+    def back(self, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        terms = A * self.shift
+        return A * self.scale, terms.sum(_rest(A)), terms.abs().sum(_rest(A))
+
+
+class Reshape(Affine):
+    """``nn.Flatten`` / ``torch.flatten``: a reshape to ``out_shape``."""
+
+    def __init__(self, start_dim: int = 1) -> None:
+        self.start_dim = start_dim
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z.flatten(self.start_dim)
+
+    def linear_abs(self, r: Tensor) -> Tensor:
+        return self.forward(r)
+
+    def back(self, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        zero = A.new_zeros(A.shape[:2])
+        return A.reshape(*A.shape[:2], *self.in_shape), zero, zero
+
+
+class Pool(Affine):
+    """A linear map with non-negative weights and no bias (average pools, a global mean),
+    pulled back by its vector-Jacobian product."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        self.fn = fn
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.fn(z)
+
+    def linear_abs(self, r: Tensor) -> Tensor:
+        return self.fn(r)
+
+    def back(self, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, s = A.shape[:2]
+        with torch.enable_grad():
+            z = A.new_zeros(b * s, *self.in_shape, requires_grad=True)
+            (out,) = torch.autograd.grad(self.fn(z), z, A.reshape(b * s, *self.out_shape), create_graph=A.requires_grad)
+        zero = A.new_zeros(b, s)
+        return out.reshape(b, s, *self.in_shape), zero, zero
+
+
+def relu_upper(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """Slope and intercept of the upper line of a ReLU on ``[l, u]`` (the chord where unstable)."""
+    unstable = (lower < 0) & (upper > 0)
+    chord = upper / (upper - lower).where(unstable, torch.ones_like(upper))
+    slope = torch.where(unstable, chord, (lower >= 0).to(upper.dtype))
+    return slope, torch.where(unstable, -lower * slope, torch.zeros_like(upper))
+
+
+def relu_lower_slope(lower: Tensor, upper: Tensor) -> Tensor:
+    """CROWN's adaptive lower slope: 1 where ``u > -l`` else 0 (exact 1 / 0 on stable neurons)."""
+    return ((upper > -lower) & (upper > 0)).to(upper.dtype)
+
+
+class ReLU(Op):
+    """``nn.ReLU`` / ``F.relu``: lower line ``alpha·z`` (``alpha`` in [0, 1]; CROWN's choice by
+    default), upper line the chord ``u (z - l) / (u - l)`` on unstable neurons."""
+
+    nonlinear = True
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z.clamp(min=0)
+
+    def ibp(self, lower: Tensor, upper: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
+        return lower.clamp(min=0), upper.clamp(min=0)
+
+    def back(
+        self, A: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        up_slope, up_icpt = relu_upper(lower, upper)
+        low_slope = relu_lower_slope(lower, upper)[:, None]
+        if alpha is not None:
+            unstable = ((lower < 0) & (upper > 0))[:, None]
+            low_slope = torch.where(unstable, alpha, low_slope)
+        pos, neg = A.clamp(min=0), A.clamp(max=0)
+        terms = neg * up_icpt[:, None]
+        return pos * low_slope + neg * up_slope[:, None], terms.sum(_rest(A)), -terms.sum(_rest(A))
+
+
+class MaxPool(Op):
+    """``nn.MaxPool2d`` with kernel = stride, no padding, dilation 1.
+
+    IBP: the max of the lower and of the upper bounds. CROWN: lower line ``z_j`` (the window's
+    input with the largest lower bound, always ≤ the max); upper line ``z_j`` where that input
+    dominates (its lower bound ≥ every other upper bound: then the max is ``z_j``), otherwise
+    the constant ``max_i u_i`` (the interval fallback)."""
+
+    nonlinear = True
+
+    def __init__(self, kernel: int) -> None:
+        self.kernel = kernel
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.max_pool2d(z, self.kernel)
+
+    def ibp(self, lower: Tensor, upper: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
+        return self.forward(lower), self.forward(upper)
+
+    def _windows(self, t: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, C, Ho, Wo, k*k)``, cropping what the pool drops."""
+        k = self.kernel
+        c, ho, wo = self.out_shape
+        t = t[:, :, : ho * k, : wo * k].reshape(-1, c, ho, k, wo, k)
+        return t.permute(0, 1, 2, 4, 3, 5).reshape(-1, c, ho, wo, k * k)
+
+    def _unwindows(self, t: Tensor) -> Tensor:
+        """``(B, S, C, Ho, Wo, k*k) -> (B, S, *in_shape)``, zeros where the pool drops."""
+        k = self.kernel
+        b, s, c, ho, wo, _ = t.shape
+        t = t.reshape(b, s, c, ho, wo, k, k).permute(0, 1, 2, 3, 5, 4, 6).reshape(b, s, c, ho * k, wo * k)
+        h, w = self.in_shape[1:]
+        return F.pad(t, (0, w - wo * k, 0, h - ho * k))
+
+    def back(
+        self, A: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        lw, uw = self._windows(lower), self._windows(upper)
+        best = lw.argmax(-1, keepdim=True)
+        select = torch.zeros_like(lw).scatter_(-1, best, 1.0)
+        others = uw.masked_fill(select.bool(), float("-inf")).amax(-1)
+        dominated = lw.gather(-1, best).squeeze(-1) >= others
+        up_const = torch.where(dominated, torch.zeros_like(others), uw.amax(-1))
+        pos, neg = A.clamp(min=0), A.clamp(max=0)
+        weights = pos[..., None] * select[:, None] + neg[..., None] * (select * dominated[..., None])[:, None]
+        terms = neg * up_const[:, None]
+        return self._unwindows(weights), terms.sum(_rest(A)), terms.abs().sum(_rest(A))
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    """Elements per point of a shape without the batch dimension."""
+    return prod(shape)
