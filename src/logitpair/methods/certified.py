@@ -4,9 +4,9 @@
   "On the Effectiveness of Interval Bound Propagation for Training Verifiably Robust Models",
   https://arxiv.org/abs/1810.12715. Loss ``κ CE(f(x), y) + (1 - κ) CE(z_worst, y)``, where
   ``z_worst`` are the worst-case logits of the IBP bounds over the ε-ball (∩ [0, 1]): with
-  ``lb_j`` the certified lower bound of the margin ``f_y - f_j``, ``z_worst_y - z_worst_j = -lb_j``,
-  i.e. ``z_worst = -lb`` with 0 at ``y`` (the specification folded into the last layer, their
-  "elision"). Schedule (their MNIST one, Section 4 / Appendix): ε = 0 and κ = 1 for the first
+  ``lb_j`` the certified lower bound of the margin ``f_y - f_j``, ``z_worst_y - z_worst_j = lb_j``
+  (every margin at its lowest bound), i.e. ``z_worst = -lb`` with 0 at ``y``: ``CE(-lb, y)`` as
+  in the reference code (the specification folded into the last layer, their "elision"). Schedule (their MNIST one, Section 4 / Appendix): ε = 0 and κ = 1 for the first
   2,000 steps (warm-up), then ε 0 → ε and κ 1 → 0.5 linearly over 10,000 steps, constant after.
 - ``crown-ibp``: Zhang, Chen, Xiao, Gowal, Stanforth, Li, Boning, Hsieh 2020, "Towards Stable and
   Efficient Training of Verifiably Robust Neural Networks", https://arxiv.org/abs/1906.06316
@@ -107,7 +107,7 @@ def refuse_training_batchnorm(model: nn.Module) -> None:
 
 
 def worst_case_logits(lower: Tensor, y: Tensor) -> Tensor:
-    """Logits ``z`` with ``z_y - z_j = -lower_j`` (``lower``: margin lower bounds, column ``y`` = +inf)."""
+    """Logits ``z`` with ``z_y - z_j = lower_j``: ``-lower`` with 0 at ``y`` (``lower``: margin lower bounds, column ``y`` = +inf)."""
     return -lower.masked_fill(F.one_hot(y, lower.shape[1]).bool(), 0.0)
 
 
