@@ -22,7 +22,7 @@ guard) is not the loss's business: the training layer owns it, switched on by co
 """
 
 # registration: each module registers its methods in METHODS
-from logitpair.methods import clp, fgsm_rs, kurakin, mixup, mpgd, regular, smoothing, trades, vat  # noqa: F401
+from logitpair.methods import certified, clp, fgsm_rs, kurakin, mixup, mpgd, regular, smoothing, trades, vat  # noqa: F401
 from logitpair.methods.base import METHODS, Method, StepCost
 from logitpair.methods.context import BatchContext
 from logitpair.methods.settings import LossSettings
