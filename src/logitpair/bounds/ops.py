@@ -229,27 +229,71 @@ class MaxPool(Op):
         t = t[:, :, : ho * k, : wo * k].reshape(-1, c, ho, k, wo, k)
         return t.permute(0, 1, 2, 4, 3, 5).reshape(-1, c, ho, wo, k * k)
 
-    def _unwindows(self, t: Tensor) -> Tensor:
-        """``(B, S, C, Ho, Wo, k*k) -> (B, S, *in_shape)``, zeros where the pool drops."""
+    def _unpool(self, coef: Tensor, mask: Tensor) -> Tensor:
+        """``coef`` (B, S, C, Ho, Wo) placed at the selected input of each window: ``mask``
+        (B, C, Ho, k, Wo, k) one-hot per window; ``(B, S, *in_shape)``, zeros where the pool drops.
+        One broadcast product writes the result (no window tensor, no permutation copy)."""
         k = self.kernel
-        b, s, c, ho, wo, _ = t.shape
-        t = t.reshape(b, s, c, ho, wo, k, k).permute(0, 1, 2, 3, 5, 4, 6).reshape(b, s, c, ho * k, wo * k)
+        b, s, c, ho, wo = coef.shape
+        out = (coef[:, :, :, :, None, :, None] * mask[:, None]).reshape(b, s, c, ho * k, wo * k)
         h, w = self.in_shape[1:]
-        return F.pad(t, (0, w - wo * k, 0, h - ho * k))
+        return out if (h, w) == (ho * k, wo * k) else F.pad(out, (0, w - wo * k, 0, h - ho * k))
 
-    def back(
-        self, A: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def relaxation(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per point and window: the selected input (``best`` (B, C, Ho, Wo, 1), index into the
+        window; ``mask`` (B, C, Ho, k, Wo, k) its one-hot), whether it dominates (``dominated``)
+        and the constant upper line where it does not (``up_const``, 0 where it does)."""
         lw, uw = self._windows(lower), self._windows(upper)
         best = lw.argmax(-1, keepdim=True)
         select = torch.zeros_like(lw).scatter_(-1, best, 1.0)
         others = uw.masked_fill(select.bool(), float("-inf")).amax(-1)
         dominated = lw.gather(-1, best).squeeze(-1) >= others
         up_const = torch.where(dominated, torch.zeros_like(others), uw.amax(-1))
+        k = self.kernel
+        b, c, ho, wo, _ = select.shape
+        mask = select.reshape(b, c, ho, wo, k, k).permute(0, 1, 2, 4, 3, 5)
+        return best, mask, dominated, up_const
+
+    def back(
+        self, A: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        _, mask, dominated, up_const = self.relaxation(lower, upper)
         pos, neg = A.clamp(min=0), A.clamp(max=0)
-        weights = pos[..., None] * select[:, None] + neg[..., None] * (select * dominated[..., None])[:, None]
-        terms = neg * up_const[:, None]
-        return self._unwindows(weights), terms.sum(_rest(A)), terms.abs().sum(_rest(A))
+        coef = pos + neg * dominated[:, None].to(A.dtype)
+        bias = _dot(neg, up_const)
+        return self._unpool(coef, mask), bias, -_dot(neg, up_const.abs())
+
+    def back_after_relu(
+        self, A: Tensor, bounds: tuple[Tensor, Tensor], relu_bounds: tuple[Tensor, Tensor], alpha: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``ReLU.back(MaxPool.back(A))`` fused on the pooled shape: only the selected input of
+        each window gets a non-zero coefficient, so the ReLU's lines are read there alone (the
+        coefficients are the same products as the two pull-backs'; the bias sums are reordered).
+
+        ``A ≥ 0``: ``A·lower slope``; ``A < 0``, dominated: ``A·upper slope``, bias ``A·intercept``;
+        ``A < 0``, not dominated: 0, bias ``A·max u``."""
+        best, mask, dominated, up_const = self.relaxation(*bounds)
+        up_slope, up_icpt = relu_upper(*relu_bounds)
+        low_slope = relu_lower_slope(*relu_bounds)
+        pick = self._windows
+        us, icpt = (pick(t).gather(-1, best).squeeze(-1) for t in (up_slope, up_icpt))
+        if alpha is None:
+            ls = pick(low_slope).gather(-1, best).squeeze(-1)[:, None]
+        else:
+            unstable = (relu_bounds[0] < 0) & (relu_bounds[1] > 0)
+            slopes = torch.where(unstable[:, None], alpha, low_slope[:, None])
+            b, s = slopes.shape[:2]
+            windows = pick(slopes.flatten(0, 1)).unflatten(0, (b, s))
+            ls = windows.gather(-1, best[:, None].expand(b, s, *best.shape[1:])).squeeze(-1)
+        pos, neg = A.clamp(min=0), A.clamp(max=0)
+        coef = pos * ls + neg * (us * dominated.to(us.dtype))[:, None]
+        const = torch.where(dominated, icpt, up_const)
+        return self._unpool(coef, mask), _dot(neg, const), -_dot(neg, const.abs())
+
+
+def _dot(A: Tensor, v: Tensor) -> Tensor:
+    """``sum over the trailing dims of A[b, s] * v[b]``: (B, S) by a batched matrix product."""
+    return (A.flatten(2) @ v.flatten(1)[:, :, None]).squeeze(-1)
 
 
 def numel(shape: tuple[int, ...]) -> int:

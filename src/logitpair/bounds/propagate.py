@@ -18,7 +18,7 @@ from math import prod
 import torch
 from torch import Tensor
 
-from logitpair.bounds.ops import Conv, Dense, Op, Pool, ReLU, relu_lower_slope
+from logitpair.bounds.ops import Conv, Dense, MaxPool, Op, Pool, ReLU, relu_lower_slope
 
 Bounds = dict[int, tuple[Tensor, Tensor]]
 # Elements of the largest A tensor one backward pass of the intermediate bounds may hold.
@@ -35,14 +35,24 @@ def backward(
     alphas = alphas or {}
     bias = A.new_zeros(A.shape[:2])
     mag = A.new_zeros(A.shape[:2])
-    for i in reversed(range(end)):
-        op = ops[i]
-        if op.nonlinear:
-            A, b, m = op.back(A, *bounds[i], alphas.get(i))  # type: ignore[attr-defined]
-        else:
-            A, b, m = op.back(A)  # type: ignore[attr-defined]
-        bias, mag = bias + b, mag + m
+    i = end - 1
+    while i >= 0:
+        A, b, m, used = _pull_back(ops, i, A, bounds, alphas)
+        bias, mag, i = bias + b, mag + m, i - used
     return A, bias, mag
+
+
+def _pull_back(
+    ops: list[Op], i: int, A: Tensor, bounds: Bounds, alphas: dict[int, Tensor]
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """One step of :func:`backward` through ``ops[i]`` (and a ReLU before a max-pool, fused:
+    returns how many ops were pulled back through)."""
+    op = ops[i]
+    if isinstance(op, MaxPool) and i > 0 and isinstance(ops[i - 1], ReLU):
+        return (*op.back_after_relu(A, bounds[i], bounds[i - 1], alphas.get(i - 1)), 2)
+    if op.nonlinear:
+        return (*op.back(A, *bounds[i], alphas.get(i)), 1)  # type: ignore[attr-defined]
+    return (*op.back(A), 1)  # type: ignore[attr-defined]
 
 
 def concretize(A: Tensor, bias: Tensor, mag: Tensor, lower: Tensor, upper: Tensor, rtol: float) -> Tensor:
