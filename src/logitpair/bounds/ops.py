@@ -103,7 +103,8 @@ class Conv(Affine):
         if self.bias is None:
             zero = A.new_zeros(b, s)
             return out, zero, zero
-        return out, A.sum((-2, -1)) @ self.bias, A.abs().sum((-2, -1)) @ self.bias.abs()
+        l1 = torch.linalg.vector_norm(A, 1, dim=(-2, -1))
+        return out, A.sum((-2, -1)) @ self.bias, l1 @ self.bias.abs()
 
 
 class ChannelAffine(Affine):
@@ -222,36 +223,35 @@ class MaxPool(Op):
     def ibp(self, lower: Tensor, upper: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
         return self.forward(lower), self.forward(upper)
 
-    def _windows(self, t: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, C, Ho, Wo, k*k)``, cropping what the pool drops."""
-        k = self.kernel
-        c, ho, wo = self.out_shape
-        t = t[:, :, : ho * k, : wo * k].reshape(-1, c, ho, k, wo, k)
-        return t.permute(0, 1, 2, 4, 3, 5).reshape(-1, c, ho, wo, k * k)
-
     def _unpool(self, coef: Tensor, mask: Tensor) -> Tensor:
         """``coef`` (B, S, C, Ho, Wo) placed at the selected input of each window: ``mask``
-        (B, C, Ho, k, Wo, k) one-hot per window; ``(B, S, *in_shape)``, zeros where the pool drops.
-        One broadcast product writes the result (no window tensor, no permutation copy)."""
+        (B, Ho, k, Wo, k, C) one-hot per window; ``(B, S, *in_shape)``, zeros where the pool drops.
+        One broadcast product writes the result, channels last (the layout the convolution
+        pulled back next is fastest on)."""
         k = self.kernel
         b, s, c, ho, wo = coef.shape
-        out = (coef[:, :, :, :, None, :, None] * mask[:, None]).reshape(b, s, c, ho * k, wo * k)
+        out = coef.permute(0, 1, 3, 4, 2)[:, :, :, None, :, None] * mask[:, None]
+        out = out.reshape(b, s, ho * k, wo * k, c)
         h, w = self.in_shape[1:]
-        return out if (h, w) == (ho * k, wo * k) else F.pad(out, (0, w - wo * k, 0, h - ho * k))
+        if (h, w) != (ho * k, wo * k):
+            out = F.pad(out, (0, 0, 0, w - wo * k, 0, h - ho * k))
+        return out.permute(0, 1, 4, 2, 3)
 
     def relaxation(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Per point and window: the selected input (``best`` (B, C, Ho, Wo, 1), index into the
-        window; ``mask`` (B, C, Ho, k, Wo, k) its one-hot), whether it dominates (``dominated``)
-        and the constant upper line where it does not (``up_const``, 0 where it does)."""
-        lw, uw = self._windows(lower), self._windows(upper)
-        best = lw.argmax(-1, keepdim=True)
-        select = torch.zeros_like(lw).scatter_(-1, best, 1.0)
-        others = uw.masked_fill(select.bool(), float("-inf")).amax(-1)
-        dominated = lw.gather(-1, best).squeeze(-1) >= others
-        up_const = torch.where(dominated, torch.zeros_like(others), uw.amax(-1))
+        """Per point and window: the selected input (``best`` (B, C, Ho·Wo), its flat index in
+        the channel's H·W; ``mask`` (B, Ho, k, Wo, k, C) its one-hot), whether it dominates
+        (``dominated``) and the constant upper line where it does not (``up_const``, 0 where it
+        does). The selection is ``max_pool2d``'s index of the largest lower bound."""
+        low_max, best = F.max_pool2d(lower, self.kernel, return_indices=True)
+        best = best.flatten(2)
+        knocked = upper.flatten(2).scatter(2, best, float("-inf")).view_as(upper)
+        others = self.forward(knocked)
+        dominated = low_max >= others
+        up_const = torch.where(dominated, torch.zeros_like(others), self.forward(upper))
         k = self.kernel
-        b, c, ho, wo, _ = select.shape
-        mask = select.reshape(b, c, ho, wo, k, k).permute(0, 1, 2, 4, 3, 5)
+        b, c, ho, wo = low_max.shape
+        onehot = lower.new_zeros(b, c, lower.shape[-2] * lower.shape[-1]).scatter_(2, best, 1.0).view_as(lower)
+        mask = onehot[:, :, : ho * k, : wo * k].permute(0, 2, 3, 1).reshape(b, ho, k, wo, k, c)
         return best, mask, dominated, up_const
 
     def back(
@@ -275,16 +275,18 @@ class MaxPool(Op):
         best, mask, dominated, up_const = self.relaxation(*bounds)
         up_slope, up_icpt = relu_upper(*relu_bounds)
         low_slope = relu_lower_slope(*relu_bounds)
-        pick = self._windows
-        us, icpt = (pick(t).gather(-1, best).squeeze(-1) for t in (up_slope, up_icpt))
+
+        def pick(t: Tensor) -> Tensor:
+            return t.flatten(2).gather(2, best).view_as(dominated)
+
+        us, icpt = pick(up_slope), pick(up_icpt)
         if alpha is None:
-            ls = pick(low_slope).gather(-1, best).squeeze(-1)[:, None]
+            ls = pick(low_slope)[:, None]
         else:
             unstable = (relu_bounds[0] < 0) & (relu_bounds[1] > 0)
             slopes = torch.where(unstable[:, None], alpha, low_slope[:, None])
             b, s = slopes.shape[:2]
-            windows = pick(slopes.flatten(0, 1)).unflatten(0, (b, s))
-            ls = windows.gather(-1, best[:, None].expand(b, s, *best.shape[1:])).squeeze(-1)
+            ls = slopes.flatten(3).gather(3, best[:, None].expand(b, s, -1, -1)).view(b, s, *dominated.shape[1:])
         pos, neg = A.clamp(min=0), A.clamp(max=0)
         coef = pos * ls + neg * (us * dominated.to(us.dtype))[:, None]
         const = torch.where(dominated, icpt, up_const)
