@@ -12,7 +12,9 @@ Every op maps a batch ``z`` of shape ``(N, *in_shape)`` to ``(N, *out_shape)`` a
 
 Affine ops (:class:`Dense`, :class:`Conv`, :class:`ChannelAffine`, :class:`Reshape`,
 :class:`Pool`) pull back exactly; :class:`ReLU` and :class:`MaxPool` are ``nonlinear`` and
-take the interval of their inputs (and, for the ReLU, optional lower slopes ``alpha``).
+take the interval of their inputs (and, for the ReLU, optional lower slopes ``alpha``). A ReLU
+followed by a max-pool is pulled back in one step on the pooled shape
+(:meth:`MaxPool.back_after_relu`, what :func:`~logitpair.bounds.propagate.backward` uses).
 """
 
 from __future__ import annotations
@@ -210,7 +212,10 @@ class MaxPool(Op):
     IBP: the max of the lower and of the upper bounds. CROWN: lower line ``z_j`` (the window's
     input with the largest lower bound, always ≤ the max); upper line ``z_j`` where that input
     dominates (its lower bound ≥ every other upper bound: then the max is ``z_j``), otherwise
-    the constant ``max_i u_i`` (the interval fallback)."""
+    the constant ``max_i u_i`` (the interval fallback). The pull-back writes each window's
+    coefficient at its selected input only (a broadcast product with a one-hot mask, channels
+    last: the layout ``conv_transpose2d`` is fastest on); after a ReLU, the ReLU's lines are read
+    at the selected inputs alone (:meth:`back_after_relu`), a quarter of the work for k = 2."""
 
     nonlinear = True
 

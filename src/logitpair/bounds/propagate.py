@@ -9,6 +9,10 @@ Round-off: every concretised linear bound ``A·x + bias`` over a box is lowered 
 units in the last place) is far above the error of the float32 sums of these networks; with
 ``rtol=0`` the bounds of the cancellation tests in ``tests/test_bounds.py`` exceed the exact
 (float64) margins.
+
+Speed (``benchmarks/bounds_speed.py``): the specification has the K-1 non-trivial rows
+(:func:`~logitpair.bounds.margins.margin_spec`), a ReLU and the max-pool after it are pulled
+back together on the pooled shape, and the coefficients reach a convolution channels-last.
 """
 
 from __future__ import annotations
