@@ -76,35 +76,43 @@ def ibp_through(ops: list[Op], lower: Tensor, upper: Tensor, rtol: float) -> tup
     return lower, upper
 
 
-def _eye_rows(rows: Tensor, n: int, like: Tensor) -> Tensor:
-    eye = like.new_zeros(len(rows), n)
-    eye[torch.arange(len(rows), device=like.device), rows] = 1.0
-    return torch.cat([eye, -eye])
-
-
 def _rows_needed(op: Op, lower: Tensor, upper: Tensor) -> Tensor:
-    """Which neurons CROWN bounds: a ReLU's unstable ones (the others' relaxation is exact), all
-    of a max-pool's."""
+    """Per point (B, n): the neurons CROWN bounds. A ReLU's live ones (``u > 0``): the unstable
+    ones (their relaxation depends on the bounds) and the active ones (their interval is passed on
+    to the next layers, a max-pool's relaxation among them); a dead neuron's output is 0 whatever
+    its bounds. All of a max-pool's."""
     if isinstance(op, ReLU):
-        return ((lower < 0) & (upper > 0)).flatten(1).any(0).nonzero().flatten()
-    return torch.arange(prod(op.in_shape), device=lower.device)
+        return (upper > 0).flatten(1)
+    return torch.ones_like(lower, dtype=torch.bool).flatten(1)
+
+
+def _point_rows(needed: Tensor) -> Tensor:
+    """(B, R): each point's needed rows first (R the largest count), padded with ``n``."""
+    n = needed.shape[1]
+    count = needed.sum(1)
+    width = int(count.max()) if needed.numel() else 0
+    order = torch.argsort((~needed).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=needed.device) < count[:, None]
+    return torch.where(valid, order, n)
 
 
 def crown_node(ops: list[Op], i: int, bounds: Bounds, box: tuple[Tensor, Tensor], rtol: float) -> Tensor:
-    """CROWN bounds ``(2, B, n)`` (lower, upper) on the input of ``ops[i]`` for the rows needed,
-    NaN elsewhere, in chunks of rows that keep each backward pass under ``CHUNK_ELEMENTS``."""
+    """CROWN bounds ``(2, B, n)`` (lower, upper) on the input of ``ops[i]`` for each point's rows
+    needed, NaN elsewhere, in chunks of rows that keep each backward pass under ``CHUNK_ELEMENTS``."""
     lower, upper = box
-    ibp_l, ibp_u = bounds[i]
     n, b = prod(ops[i].in_shape), lower.shape[0]
-    rows = _rows_needed(ops[i], ibp_l, ibp_u)
-    out = lower.new_full((2, b, n), float("nan"))
+    rows = _point_rows(_rows_needed(ops[i], *bounds[i]))
+    out = lower.new_full((2, b, n + 1), float("nan"))
     widest = max(max(prod(op.in_shape), prod(op.out_shape)) for op in ops[: i + 1])
     chunk = max(1, CHUNK_ELEMENTS // (2 * b * widest))
-    for part in rows.split(chunk):
-        spec = _eye_rows(part, n, lower).reshape(1, 2 * len(part), *ops[i].in_shape).expand(b, -1, *ops[i].in_shape)
+    for part in rows.split(chunk, dim=1):
+        r = part.shape[1]
+        eye = lower.new_zeros(b, r, n + 1).scatter_(2, part[..., None], 1.0)[..., :n]
+        spec = torch.cat([eye, -eye], 1).reshape(b, 2 * r, *ops[i].in_shape)
         value = concretize(*backward(ops, i, spec, bounds), lower, upper, rtol)
-        out[0][:, part], out[1][:, part] = value[:, : len(part)], -value[:, len(part) :]
-    return out
+        out[0].scatter_(1, part, value[:, :r])
+        out[1].scatter_(1, part, -value[:, r:])
+    return out[..., :n]
 
 
 def _tighten(found: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
