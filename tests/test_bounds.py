@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from scipy.optimize import linprog
 from torch import nn
 
 from logitpair.bounds import METHODS, certified, interval_bounds, margin_bounds
+from logitpair.bounds.ops import MaxPool, ReLU
 from logitpair.errors import ConfigError
 from logitpair.models import create_model
 from logitpair.models.layers import Normalize
@@ -258,6 +263,41 @@ def test_round_off_margin_keeps_cancelling_bounds_sound(method):
     assert (loose > exact).any()
 
 
+@pytest.mark.parametrize(("size", "alpha"), [((6, 8), False), ((5, 7), False), ((5, 7), True)])
+def test_fused_relu_max_pool_pull_back_is_the_two_steps(size, alpha):
+    """``MaxPool.back_after_relu`` gives the coefficients of ``ReLU.back(MaxPool.back(A))`` exactly
+    (cropped windows, ties of the ReLU's zero lower bounds, alpha slopes) and the same biases."""
+    gen = torch.Generator().manual_seed(8)
+    relu, pool = ReLU(), MaxPool(2)
+    relu.in_shape = relu.out_shape = pool.in_shape = (3, *size)
+    pool.out_shape = (3, size[0] // 2, size[1] // 2)
+    lower = torch.randn(4, 3, *size, generator=gen)
+    upper = lower + torch.rand(4, 3, *size, generator=gen)
+    pooled = relu.ibp(lower, upper, 0.0)
+    A = torch.randn(4, 6, *pool.out_shape, generator=gen)
+    slopes = torch.rand(4, 6, 3, *size, generator=gen) if alpha else None
+    A1, b1, m1 = pool.back(A, *pooled)
+    A2, b2, m2 = relu.back(A1, lower, upper, slopes)
+    fused, bias, mag = pool.back_after_relu(A, pooled, (lower, upper), slopes)
+    assert torch.equal(fused, A2)
+    torch.testing.assert_close(bias, b1 + b2)
+    torch.testing.assert_close(mag, m1 + m2)
+
+
+def test_crown_ibp_gradients_through_conv_relu_max_pool():
+    model = copy.deepcopy(NETWORKS["two-stage"][0]).double()
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    params = tuple(getattr(m, n).detach().clone().requires_grad_() for m, n in _param_slots(model))
+
+    def bound(*ps):
+        _inject(model, ps)
+        b = margin_bounds(model, x, y, threat=Linf(0.05), method="crown-ibp")
+        return b[torch.isfinite(b)]
+
+    assert torch.autograd.gradcheck(bound, params, eps=1e-6, atol=1e-5)
+
+
 def test_certified_matches_the_bounds():
     model, shape = NETWORKS["mlp"]
     x = torch.rand(8, *shape, generator=torch.Generator().manual_seed(7))
@@ -300,3 +340,19 @@ def test_bad_method_and_options():
         margin_bounds(model, x, y, threat=Linf(0.1), method="milp")
     with pytest.raises(ConfigError, match="iterations"):
         margin_bounds(model, x, y, threat=Linf(0.1), method="crown", iterations=3)
+
+
+def test_speed_benchmark_runs(tmp_path):
+    """``benchmarks/bounds_speed.py`` on random inputs, tiny N: every method, one row each."""
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, "benchmarks/bounds_speed.py", "--n", "3", "--n-slow", "1", "--batch", "2", "--repeats", "1",
+           "--eps", "0.02", "--threads", "1", "--iterations", "2", "--image-size", "12", "--out", str(out)]  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, check=False, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ibp", "crown-ibp", "crown-ibp (grad)", "crown", "alpha-crown"]
+    assert all(
+        r["points_per_second"] > 0 and r["n"] == (1 if r["method"] in ("crown", "alpha-crown") else 3) for r in rows
+    )
+    assert "| crown-ibp | 0.02 | 1 | 3 |" in proc.stdout

@@ -6,7 +6,6 @@ from math import prod
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from logitpair.bounds.graph import build_chain
@@ -53,10 +52,13 @@ def input_box(x: Tensor, threat: Threat) -> tuple[Tensor, Tensor]:
     return (x - threat.eps).clamp(lo, hi), (x + threat.eps).clamp(lo, hi)
 
 
-def margin_spec(y: Tensor, num_classes: int, like: Tensor) -> Tensor:
-    """``C`` of shape (N, K, K): row ``j`` is ``e_y - e_j`` (zero for ``j = y``)."""
+def margin_spec(y: Tensor, num_classes: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``C`` of shape (N, K-1, K): the rows ``e_y - e_j`` for every ``j != y`` (the trivial row
+    ``j = y`` is not propagated), and ``others`` (N, K-1): the ``j`` of each row."""
     eye = torch.eye(num_classes, dtype=like.dtype, device=like.device)
-    return eye[y][:, None, :] - eye[None]
+    others = torch.arange(num_classes - 1, device=y.device)[None]
+    others = others + (others >= y[:, None]).long()
+    return eye[y][:, None, :] - eye[others], others
 
 
 def _ibp(ops: list[Op], spec: Tensor, box: tuple[Tensor, Tensor], opt: dict[str, Any]) -> Tensor:
@@ -127,9 +129,10 @@ def margin_bounds(
     box = input_box(x, threat)
     ops = build_chain(model, x)
     num_classes = prod(ops[-1].out_shape) if ops else prod(x.shape[1:])
-    spec = margin_spec(y, num_classes, x)
+    spec, others = margin_spec(y, num_classes, x)
     bound = _run(method, ops, spec, box, opt)
-    return bound.masked_fill(F.one_hot(y, num_classes).bool(), float("inf"))
+    full = bound.new_full((len(y), num_classes), float("inf"))
+    return full.scatter(1, others, bound)
 
 
 def certified(model: nn.Module, x: Tensor, y: Tensor, *, threat: Threat, method: str = "crown", **opts: Any) -> Tensor:

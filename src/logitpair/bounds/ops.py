@@ -12,7 +12,9 @@ Every op maps a batch ``z`` of shape ``(N, *in_shape)`` to ``(N, *out_shape)`` a
 
 Affine ops (:class:`Dense`, :class:`Conv`, :class:`ChannelAffine`, :class:`Reshape`,
 :class:`Pool`) pull back exactly; :class:`ReLU` and :class:`MaxPool` are ``nonlinear`` and
-take the interval of their inputs (and, for the ReLU, optional lower slopes ``alpha``).
+take the interval of their inputs (and, for the ReLU, optional lower slopes ``alpha``). A ReLU
+followed by a max-pool is pulled back in one step on the pooled shape
+(:meth:`MaxPool.back_after_relu`, what :func:`~logitpair.bounds.propagate.backward` uses).
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ class Conv(Affine):
         if self.bias is None:
             zero = A.new_zeros(b, s)
             return out, zero, zero
-        return out, A.sum((-2, -1)) @ self.bias, A.abs().sum((-2, -1)) @ self.bias.abs()
+        l1 = torch.linalg.vector_norm(A, 1, dim=(-2, -1))
+        return out, A.sum((-2, -1)) @ self.bias, l1 @ self.bias.abs()
 
 
 class ChannelAffine(Affine):
@@ -209,7 +212,10 @@ class MaxPool(Op):
     IBP: the max of the lower and of the upper bounds. CROWN: lower line ``z_j`` (the window's
     input with the largest lower bound, always ≤ the max); upper line ``z_j`` where that input
     dominates (its lower bound ≥ every other upper bound: then the max is ``z_j``), otherwise
-    the constant ``max_i u_i`` (the interval fallback)."""
+    the constant ``max_i u_i`` (the interval fallback). The pull-back writes each window's
+    coefficient at its selected input only (a broadcast product with a one-hot mask, channels
+    last: the layout ``conv_transpose2d`` is fastest on); after a ReLU, the ReLU's lines are read
+    at the selected inputs alone (:meth:`back_after_relu`), a quarter of the work for k = 2."""
 
     nonlinear = True
 
@@ -222,34 +228,79 @@ class MaxPool(Op):
     def ibp(self, lower: Tensor, upper: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
         return self.forward(lower), self.forward(upper)
 
-    def _windows(self, t: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, C, Ho, Wo, k*k)``, cropping what the pool drops."""
+    def _unpool(self, coef: Tensor, mask: Tensor) -> Tensor:
+        """``coef`` (B, S, C, Ho, Wo) placed at the selected input of each window: ``mask``
+        (B, Ho, k, Wo, k, C) one-hot per window; ``(B, S, *in_shape)``, zeros where the pool drops.
+        One broadcast product writes the result, channels last (the layout the convolution
+        pulled back next is fastest on)."""
         k = self.kernel
-        c, ho, wo = self.out_shape
-        t = t[:, :, : ho * k, : wo * k].reshape(-1, c, ho, k, wo, k)
-        return t.permute(0, 1, 2, 4, 3, 5).reshape(-1, c, ho, wo, k * k)
-
-    def _unwindows(self, t: Tensor) -> Tensor:
-        """``(B, S, C, Ho, Wo, k*k) -> (B, S, *in_shape)``, zeros where the pool drops."""
-        k = self.kernel
-        b, s, c, ho, wo, _ = t.shape
-        t = t.reshape(b, s, c, ho, wo, k, k).permute(0, 1, 2, 3, 5, 4, 6).reshape(b, s, c, ho * k, wo * k)
+        b, s, c, ho, wo = coef.shape
+        out = coef.permute(0, 1, 3, 4, 2)[:, :, :, None, :, None] * mask[:, None]
+        out = out.reshape(b, s, ho * k, wo * k, c)
         h, w = self.in_shape[1:]
-        return F.pad(t, (0, w - wo * k, 0, h - ho * k))
+        if (h, w) != (ho * k, wo * k):
+            out = F.pad(out, (0, 0, 0, w - wo * k, 0, h - ho * k))
+        return out.permute(0, 1, 4, 2, 3)
+
+    def relaxation(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per point and window: the selected input (``best`` (B, C, Ho·Wo), its flat index in
+        the channel's H·W; ``mask`` (B, Ho, k, Wo, k, C) its one-hot), whether it dominates
+        (``dominated``) and the constant upper line where it does not (``up_const``, 0 where it
+        does). The selection is ``max_pool2d``'s index of the largest lower bound."""
+        low_max, best = F.max_pool2d(lower, self.kernel, return_indices=True)
+        best = best.flatten(2)
+        knocked = upper.flatten(2).scatter(2, best, float("-inf")).view_as(upper)
+        others = self.forward(knocked)
+        dominated = low_max >= others
+        up_const = torch.where(dominated, torch.zeros_like(others), self.forward(upper))
+        k = self.kernel
+        b, c, ho, wo = low_max.shape
+        onehot = lower.new_zeros(b, c, lower.shape[-2] * lower.shape[-1]).scatter_(2, best, 1.0).view_as(lower)
+        mask = onehot[:, :, : ho * k, : wo * k].permute(0, 2, 3, 1).reshape(b, ho, k, wo, k, c)
+        return best, mask, dominated, up_const
 
     def back(
         self, A: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        lw, uw = self._windows(lower), self._windows(upper)
-        best = lw.argmax(-1, keepdim=True)
-        select = torch.zeros_like(lw).scatter_(-1, best, 1.0)
-        others = uw.masked_fill(select.bool(), float("-inf")).amax(-1)
-        dominated = lw.gather(-1, best).squeeze(-1) >= others
-        up_const = torch.where(dominated, torch.zeros_like(others), uw.amax(-1))
+        _, mask, dominated, up_const = self.relaxation(lower, upper)
         pos, neg = A.clamp(min=0), A.clamp(max=0)
-        weights = pos[..., None] * select[:, None] + neg[..., None] * (select * dominated[..., None])[:, None]
-        terms = neg * up_const[:, None]
-        return self._unwindows(weights), terms.sum(_rest(A)), terms.abs().sum(_rest(A))
+        coef = pos + neg * dominated[:, None].to(A.dtype)
+        bias = _dot(neg, up_const)
+        return self._unpool(coef, mask), bias, -_dot(neg, up_const.abs())
+
+    def back_after_relu(
+        self, A: Tensor, bounds: tuple[Tensor, Tensor], relu_bounds: tuple[Tensor, Tensor], alpha: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``ReLU.back(MaxPool.back(A))`` fused on the pooled shape: only the selected input of
+        each window gets a non-zero coefficient, so the ReLU's lines are read there alone (the
+        coefficients are the same products as the two pull-backs'; the bias sums are reordered).
+
+        ``A ≥ 0``: ``A·lower slope``; ``A < 0``, dominated: ``A·upper slope``, bias ``A·intercept``;
+        ``A < 0``, not dominated: 0, bias ``A·max u``."""
+        best, mask, dominated, up_const = self.relaxation(*bounds)
+        up_slope, up_icpt = relu_upper(*relu_bounds)
+        low_slope = relu_lower_slope(*relu_bounds)
+
+        def pick(t: Tensor) -> Tensor:
+            return t.flatten(2).gather(2, best).view_as(dominated)
+
+        us, icpt = pick(up_slope), pick(up_icpt)
+        if alpha is None:
+            ls = pick(low_slope)[:, None]
+        else:
+            unstable = (relu_bounds[0] < 0) & (relu_bounds[1] > 0)
+            slopes = torch.where(unstable[:, None], alpha, low_slope[:, None])
+            b, s = slopes.shape[:2]
+            ls = slopes.flatten(3).gather(3, best[:, None].expand(b, s, -1, -1)).view(b, s, *dominated.shape[1:])
+        pos, neg = A.clamp(min=0), A.clamp(max=0)
+        coef = pos * ls + neg * (us * dominated.to(us.dtype))[:, None]
+        const = torch.where(dominated, icpt, up_const)
+        return self._unpool(coef, mask), _dot(neg, const), -_dot(neg, const.abs())
+
+
+def _dot(A: Tensor, v: Tensor) -> Tensor:
+    """``sum over the trailing dims of A[b, s] * v[b]``: (B, S) by a batched matrix product."""
+    return (A.flatten(2) @ v.flatten(1)[:, :, None]).squeeze(-1)
 
 
 def numel(shape: tuple[int, ...]) -> int:

@@ -9,6 +9,10 @@ Round-off: every concretised linear bound ``A·x + bias`` over a box is lowered 
 units in the last place) is far above the error of the float32 sums of these networks; with
 ``rtol=0`` the bounds of the cancellation tests in ``tests/test_bounds.py`` exceed the exact
 (float64) margins.
+
+Speed (``benchmarks/bounds_speed.py``): the specification has the K-1 non-trivial rows
+(:func:`~logitpair.bounds.margins.margin_spec`), a ReLU and the max-pool after it are pulled
+back together on the pooled shape, and the coefficients reach a convolution channels-last.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from math import prod
 import torch
 from torch import Tensor
 
-from logitpair.bounds.ops import Conv, Dense, Op, Pool, ReLU, relu_lower_slope
+from logitpair.bounds.ops import Conv, Dense, MaxPool, Op, Pool, ReLU, relu_lower_slope
 
 Bounds = dict[int, tuple[Tensor, Tensor]]
-# Elements of the largest A tensor one backward pass of the intermediate bounds may hold.
-CHUNK_ELEMENTS = 2**24
+# Elements of the largest A tensor one backward pass of the intermediate bounds may hold (8 MiB:
+# smaller passes stay in the allocator's reused memory; 2**21 ran CROWN on LeNet-5 1.7x faster than 2**24).
+CHUNK_ELEMENTS = 2**21
 
 
 def backward(
@@ -35,14 +40,24 @@ def backward(
     alphas = alphas or {}
     bias = A.new_zeros(A.shape[:2])
     mag = A.new_zeros(A.shape[:2])
-    for i in reversed(range(end)):
-        op = ops[i]
-        if op.nonlinear:
-            A, b, m = op.back(A, *bounds[i], alphas.get(i))  # type: ignore[attr-defined]
-        else:
-            A, b, m = op.back(A)  # type: ignore[attr-defined]
-        bias, mag = bias + b, mag + m
+    i = end - 1
+    while i >= 0:
+        A, b, m, used = _pull_back(ops, i, A, bounds, alphas)
+        bias, mag, i = bias + b, mag + m, i - used
     return A, bias, mag
+
+
+def _pull_back(
+    ops: list[Op], i: int, A: Tensor, bounds: Bounds, alphas: dict[int, Tensor]
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """One step of :func:`backward` through ``ops[i]`` (and a ReLU before a max-pool, fused:
+    returns how many ops were pulled back through)."""
+    op = ops[i]
+    if isinstance(op, MaxPool) and i > 0 and isinstance(ops[i - 1], ReLU):
+        return (*op.back_after_relu(A, bounds[i], bounds[i - 1], alphas.get(i - 1)), 2)
+    if op.nonlinear:
+        return (*op.back(A, *bounds[i], alphas.get(i)), 1)  # type: ignore[attr-defined]
+    return (*op.back(A), 1)  # type: ignore[attr-defined]
 
 
 def concretize(A: Tensor, bias: Tensor, mag: Tensor, lower: Tensor, upper: Tensor, rtol: float) -> Tensor:
@@ -62,35 +77,43 @@ def ibp_through(ops: list[Op], lower: Tensor, upper: Tensor, rtol: float) -> tup
     return lower, upper
 
 
-def _eye_rows(rows: Tensor, n: int, like: Tensor) -> Tensor:
-    eye = like.new_zeros(len(rows), n)
-    eye[torch.arange(len(rows), device=like.device), rows] = 1.0
-    return torch.cat([eye, -eye])
-
-
 def _rows_needed(op: Op, lower: Tensor, upper: Tensor) -> Tensor:
-    """Which neurons CROWN bounds: a ReLU's unstable ones (the others' relaxation is exact), all
-    of a max-pool's."""
+    """Per point (B, n): the neurons CROWN bounds. A ReLU's live ones (``u > 0``): the unstable
+    ones (their relaxation depends on the bounds) and the active ones (their interval is passed on
+    to the next layers, a max-pool's relaxation among them); a dead neuron's output is 0 whatever
+    its bounds. All of a max-pool's."""
     if isinstance(op, ReLU):
-        return ((lower < 0) & (upper > 0)).flatten(1).any(0).nonzero().flatten()
-    return torch.arange(prod(op.in_shape), device=lower.device)
+        return (upper > 0).flatten(1)
+    return torch.ones_like(lower, dtype=torch.bool).flatten(1)
+
+
+def _point_rows(needed: Tensor) -> Tensor:
+    """(B, R): each point's needed rows first (R the largest count), padded with ``n``."""
+    n = needed.shape[1]
+    count = needed.sum(1)
+    width = int(count.max()) if needed.numel() else 0
+    order = torch.argsort((~needed).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=needed.device) < count[:, None]
+    return torch.where(valid, order, n)
 
 
 def crown_node(ops: list[Op], i: int, bounds: Bounds, box: tuple[Tensor, Tensor], rtol: float) -> Tensor:
-    """CROWN bounds ``(2, B, n)`` (lower, upper) on the input of ``ops[i]`` for the rows needed,
-    NaN elsewhere, in chunks of rows that keep each backward pass under ``CHUNK_ELEMENTS``."""
+    """CROWN bounds ``(2, B, n)`` (lower, upper) on the input of ``ops[i]`` for each point's rows
+    needed, NaN elsewhere, in chunks of rows that keep each backward pass under ``CHUNK_ELEMENTS``."""
     lower, upper = box
-    ibp_l, ibp_u = bounds[i]
     n, b = prod(ops[i].in_shape), lower.shape[0]
-    rows = _rows_needed(ops[i], ibp_l, ibp_u)
-    out = lower.new_full((2, b, n), float("nan"))
+    rows = _point_rows(_rows_needed(ops[i], *bounds[i]))
+    out = lower.new_full((2, b, n + 1), float("nan"))
     widest = max(max(prod(op.in_shape), prod(op.out_shape)) for op in ops[: i + 1])
     chunk = max(1, CHUNK_ELEMENTS // (2 * b * widest))
-    for part in rows.split(chunk):
-        spec = _eye_rows(part, n, lower).reshape(1, 2 * len(part), *ops[i].in_shape).expand(b, -1, *ops[i].in_shape)
+    for part in rows.split(chunk, dim=1):
+        r = part.shape[1]
+        eye = lower.new_zeros(b, r, n + 1).scatter_(2, part[..., None], 1.0)[..., :n]
+        spec = torch.cat([eye, -eye], 1).reshape(b, 2 * r, *ops[i].in_shape)
         value = concretize(*backward(ops, i, spec, bounds), lower, upper, rtol)
-        out[0][:, part], out[1][:, part] = value[:, : len(part)], -value[:, len(part) :]
-    return out
+        out[0].scatter_(1, part, value[:, :r])
+        out[1].scatter_(1, part, -value[:, r:])
+    return out[..., :n]
 
 
 def _tighten(found: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
