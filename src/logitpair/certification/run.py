@@ -29,7 +29,7 @@ from logitpair.environment import environment, parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.cache import points_digest, text_flags
 from logitpair.evaluation.protocol import run_protocol
-from logitpair.evaluation.run import test_points
+from logitpair.evaluation.run import check_points_options, test_points
 from logitpair.evaluation.suites import get_suite
 from logitpair.io import write_bytes, write_json, write_text
 from logitpair.progress import ProgressFactory, null_progress
@@ -53,12 +53,7 @@ class CertifyOptions:
 
     def __post_init__(self) -> None:
         check_method(self.method)
-        if self.n is not None and self.n < 1:
-            raise ConfigError(f"expected >= 1, got {self.n}", option="n")
-        if self.eps is not None and not 0 <= self.eps <= 1:
-            raise ConfigError(f"expected 0 <= eps <= 1, got {self.eps}", option="eps")
-        if self.batch_size < 1:
-            raise ConfigError(f"expected >= 1, got {self.batch_size}", option="batch_size")
+        check_points_options(self.n, self.eps, self.batch_size)
         if any(not 0 <= e <= 1 for e in self.eps_curve or ()):
             raise ConfigError(f"expected values 0 <= eps <= 1, got {list(self.eps_curve or ())}", option="eps_curve")
 

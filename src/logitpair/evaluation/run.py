@@ -39,6 +39,17 @@ from logitpair.report import markdown_table, pct_ci
 from logitpair.threat import Linf
 
 
+def check_points_options(n: int | None, eps: float | None, batch_size: int | None = None) -> None:
+    """The options every run-directory command shares: ``n`` test points (None: the default),
+    ``eps`` in [0, 1] (None: the run's), ``batch_size`` >= 1; one ConfigError naming the option."""
+    if n is not None and n < 1:
+        raise ConfigError(f"expected >= 1, got {n}", option="n")
+    if eps is not None and not 0 <= eps <= 1:
+        raise ConfigError(f"expected 0 <= eps <= 1, got {eps}", option="eps")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"expected >= 1, got {batch_size}", option="batch_size")
+
+
 @dataclass(frozen=True)
 class EvalOptions:
     n: int | None = None  # first n test points (None: all)
@@ -58,10 +69,7 @@ class EvalOptions:
     device: str = "cpu"  # where the model and the attacks run (cpu | cuda | cuda:N); always float32
 
     def __post_init__(self) -> None:
-        if self.n is not None and self.n < 1:
-            raise ConfigError(f"expected >= 1, got {self.n}", option="n")
-        if self.eps is not None and not 0 <= self.eps <= 1:
-            raise ConfigError(f"expected 0 <= eps <= 1, got {self.eps}", option="eps")
+        check_points_options(self.n, self.eps)
         if self.steps < 1:
             raise ConfigError(f"expected >= 1, got {self.steps}", option="steps")
         if self.restarts < 1:

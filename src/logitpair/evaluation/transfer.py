@@ -47,7 +47,7 @@ from logitpair.checkpoint import load_model, run_info
 from logitpair.errors import ConfigError, LogitpairError
 from logitpair.evaluation.blackbox import black_box, craft
 from logitpair.evaluation.cache import EvalCache, Fingerprint, weights_digest
-from logitpair.evaluation.run import test_points
+from logitpair.evaluation.run import check_points_options, test_points
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.io import atomic_write, write_json, write_text
 from logitpair.metrics import summarize, topk_correct
@@ -272,12 +272,7 @@ class TransferOptions:
     resume: bool = True  # reuse crafted examples with the same fingerprint
 
     def __post_init__(self) -> None:
-        if self.n is not None and self.n < 1:
-            raise ConfigError(f"expected >= 1, got {self.n}", option="n")
-        if self.eps is not None and not 0 <= self.eps <= 1:
-            raise ConfigError(f"expected 0 <= eps <= 1, got {self.eps}", option="eps")
-        if self.batch_size < 1:
-            raise ConfigError(f"expected >= 1, got {self.batch_size}", option="batch_size")
+        check_points_options(self.n, self.eps, self.batch_size)
 
 
 def _names(paths: Sequence[str]) -> list[str]:
