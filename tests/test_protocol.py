@@ -140,3 +140,17 @@ def test_targeted_protocol_reports_success_rate(trained_model, tiny_data):
     assert s["robust_top5"]["value"] >= s["robust"]["value"]
     with pytest.raises(ValueError, match="no targeted mode"):
         run_protocol(trained_model, x, y, get_suite("standard"), threat=Linf(0.2), targeted=True)
+
+
+def test_wilson_interval_ends_are_exact_and_match_the_formula():
+    """k = 0 gives a lower end of exactly 0 and k = n an upper end of exactly 1 (round-off used to
+    leave ~1e-18); inside, the interval is Wilson's: centre ± half-width, which contains k / n."""
+    from logitpair.metrics import wilson_interval
+
+    assert wilson_interval(0, 200)[0] == 0.0 and wilson_interval(200, 200)[1] == 1.0
+    z, n, k = 1.959963984540054, 100, 30
+    centre = (k / n + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (k / n * (1 - k / n) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    low, high = wilson_interval(k, n)
+    assert low == pytest.approx(centre - half) and high == pytest.approx(centre + half)
+    assert low < k / n < high and (round(low, 3), round(high, 3)) == (0.219, 0.396)
