@@ -19,6 +19,7 @@ followed by a max-pool is pulled back in one step on the pooled shape
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from math import prod
 
@@ -32,13 +33,14 @@ def _rest(t: Tensor) -> tuple[int, ...]:
     return tuple(range(2, t.dim()))
 
 
-class Op:
+class Op(ABC):
     """Base class: shapes are set by :func:`logitpair.bounds.graph.build_chain` on an example."""
 
     nonlinear = False
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
 
+    @abstractmethod
     def forward(self, z: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -46,9 +48,11 @@ class Op:
 class Affine(Op):
     """``z -> L(z) + b``: ``forward``, ``linear_abs(r) = |L| r`` and ``back`` define it."""
 
+    @abstractmethod
     def linear_abs(self, r: Tensor) -> Tensor:
         raise NotImplementedError
 
+    @abstractmethod
     def back(self, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 

@@ -19,6 +19,7 @@ they are registered (:mod:`logitpair.experiments.presets`), so a misspelt metric
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ class ProtocolOutcome:
     transfer: dict[str, Any] | None = None
 
 
-class Protocol:
+class Protocol(ABC):
     """One evaluation protocol of ``reproduce`` (see the module docstring)."""
 
     name = ""
@@ -111,6 +112,7 @@ class Protocol:
     def describe(self, preset: Preset) -> str:
         return self.summary
 
+    @abstractmethod
     def evaluate(self, runs: SeedRuns) -> ProtocolOutcome:
         raise NotImplementedError
 

@@ -18,6 +18,7 @@ that configure the run (so the prose cannot drift from what runs).
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -95,7 +96,7 @@ class ScaleEval:
     substitutions: tuple[str, ...] = ()
 
 
-class Scale:
+class Scale(ABC):
     """One scale of ``logitpair reproduce`` (see the module docstring)."""
 
     name = ""
@@ -108,6 +109,7 @@ class Scale:
     def default_dataset(self, preset: Preset) -> str:
         return preset.dataset
 
+    @abstractmethod
     def evaluation(self, preset: Preset, dataset: str, n: int | None, seeds: int) -> ScaleEval:
         raise NotImplementedError
 
