@@ -16,6 +16,6 @@ Example::
 """
 
 from logitpair.bounds.graph import SUPPORTED
-from logitpair.bounds.margins import METHODS, certified, interval_bounds, margin_bounds
+from logitpair.bounds.margins import METHODS, ROUNDOFF_RTOL, certified, interval_bounds, margin_bounds
 
-__all__ = ["METHODS", "SUPPORTED", "certified", "interval_bounds", "margin_bounds"]
+__all__ = ["METHODS", "ROUNDOFF_RTOL", "SUPPORTED", "certified", "interval_bounds", "margin_bounds"]

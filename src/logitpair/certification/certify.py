@@ -2,7 +2,9 @@
 
 A point is **certified** when it is classified correctly and the certified lower bound of every
 margin ``f_y - f_j`` (:func:`logitpair.bounds.margin_bounds`) over the threat ball is positive: no
-input in the ball changes the prediction. A point classified wrongly without attack is
+input in the ball changes the prediction. For every method but ``ibp`` the bound used is the larger
+of the method's and IBP's (both are sound; on IBP-trained models CROWN's linear relaxation can be
+looser than IBP's interval, so certifying with CROWN must never certify less than IBP does). A point classified wrongly without attack is
 ``wrong_clean`` and never certified; the rest is ``not_certified`` (robust or not, the bound
 cannot tell). Certified accuracy is a lower bound on the accuracy under *any* attack, so it sits
 below every attacked accuracy on the same points (the "sandwich", :mod:`.sandwich`).
@@ -93,7 +95,7 @@ class CertifyResult:
 
 def _fingerprint(model: nn.Module, x: Tensor, y: Tensor, threat: Linf, method: str, settings: Mapping[str, Any]) -> str:
     fp = Fingerprint("certify").text(weights_digest(model))
-    fp.json({"eps": threat.eps, "bounds": threat.bounds, "method": method, **settings})
+    fp.json({"eps": threat.eps, "bounds": threat.bounds, "method": method, "ibp_floor": True, **settings})
     return fp.tensors(x, y).hexdigest()
 
 
@@ -116,6 +118,10 @@ def _certify_batch(
     if len(idx):  # bounds only where the clean prediction is right: a wrong point is never certified
         with eval_mode(model):
             lower = bounds.margin_bounds(model, xb[idx], yb[idx], threat=threat, method=method, **options)
+            if method != "ibp":  # both bounds are sound: keep the tighter (IBP wins on IBP-trained models)
+                rtol = options.get("rtol", bounds.ROUNDOFF_RTOL)
+                ibp = bounds.margin_bounds(model, xb[idx], yb[idx], threat=threat, method="ibp", rtol=rtol)
+                lower = torch.maximum(lower, ibp)
         margin[idx] = lower.min(1).values.to(torch.float64)
     certified = correct & (margin > 0)  # NaN compares False
     return correct, certified, margin
