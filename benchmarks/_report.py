@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from _certify import markdown as certify_markdown
+
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -151,7 +153,7 @@ def markdown_summary(r: dict[str, Any]) -> str:
         f"ART {v.get('adversarial-robustness-toolbox') or 'not installed'}, "
         f"pyautoattack {v.get('pyautoattack') or 'not installed'}; took {r.get('seconds', 0):.0f} s.\n\n"
     )
-    parts = [head, _attack_section(r), _train_section(r), _eval_section(r), _data_section(r)]
+    parts = [head, _attack_section(r), _train_section(r), _eval_section(r), _data_section(r), certify_markdown(r)]
     return "\n".join(p for p in parts if p)
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _certify import build_bounds, build_certify
 from _counting import CountingModel
 from torch import Tensor, nn
 
@@ -150,7 +151,10 @@ def build_train(task: dict[str, Any], device: torch.device) -> tuple[Callable[[]
     from logitpair.methods import METHODS, BatchContext
 
     loss_fn, cfg = METHODS.get(task["method"]), METHODS.settings(task["method"])(**task.get("config", {}))
-    ctx = BatchContext(generator=torch.Generator(device).manual_seed(0))
+    # A certified method (measured mid-ramp, ``step`` given) bounds the bare network: the bounds
+    # trace its layers, which the pass-counting wrapper would hide (their cost is not in passes).
+    bare = net if "step" in task else None
+    ctx = BatchContext(generator=torch.Generator(device).manual_seed(0), step=task.get("step", 0), module=bare)
 
     def fn() -> None:
         loss, _ = loss_fn(model, x, y, cfg, ctx)
@@ -290,6 +294,8 @@ BUILDERS: dict[str, Callable[[dict[str, Any], torch.device], tuple[Callable[[], 
     "idx": build_idx,
     "folder": build_folder,
     "suite": build_suite,
+    "bounds": build_bounds,
+    "certify": build_certify,
 }
 
 

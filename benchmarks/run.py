@@ -58,6 +58,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _certify import add_arguments as add_certify_arguments
+from _certify import measure_certify
+from _certify import resolve_arguments as resolve_certify_arguments
 from _masked import split_name
 from _report import markdown_summary, write_docs
 from _results import write_result
@@ -252,9 +255,23 @@ def measure_training(runner: Runner, name: str, s: dict[str, Any], args: argpars
         floor = {"attack_steps": f["attack_steps"], "attack_rows": max(1, int(b * f["attack_frac"])),
                  "train_rows": b * f["train_mult"]}  # fmt: skip
         runner.say(f"train step {name} {method}")
-        res = runner.group({"ours": {**base, "method": method}, "floor": {**base, "floor": floor}}, args.repeats)
+        ours = {**base, "method": method, **mid_ramp(method)}
+        res = runner.group({"ours": ours, "floor": {**base, "floor": floor}}, args.repeats)
         out[method] = {**ratio(res["ours"], res["floor"]), "floor": floor_name, "batch": b}
+        if "step" in ours:
+            out[method]["measured_at"] = "mid-ramp (eps and the schedules half-way: the bounds computed)"
     return out
+
+
+def mid_ramp(method: str) -> dict[str, Any]:
+    """For a method with a warm-up and ramp schedule (the certified ones) a step half-way up the
+    ramp, where it pays for its bounds (at step 0 it would be in its warm-up: a clean step)."""
+    from logitpair.methods import METHODS
+
+    fields = METHODS.settings(method).__dataclass_fields__
+    if "warmup_steps" not in fields or "ramp_steps" not in fields:
+        return {}
+    return {"config": {"warmup_steps": 0, "ramp_steps": 2}, "step": 1}
 
 
 def measure_data(runner: Runner, args: argparse.Namespace) -> dict[str, Any]:
@@ -454,7 +471,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training methods measured on architectures other than lenet5 / lenet (default: the paper's five)",
     )  # fmt: skip
     ap.add_argument("--min-seconds", type=float, default=None, help="shortest timed sample (default 0.3; --quick 0)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=("attacks", "training", "data", "evaluations"))
+    ap.add_argument("--skip", nargs="*", default=[], choices=("attacks", "training", "data", "evaluations", "certify"))
+    add_certify_arguments(ap)
     ap.add_argument("--docs", default=None, help="Markdown file whose generated section is rewritten")
     ap.add_argument(
         "--docs-section", default=None, metavar="NAME",
@@ -471,8 +489,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.arch = ["lenet5", "lenet"] if args.quick else ["lenet5", "lenet", "preact-resnet18"]
         if args.device == "cuda" and not args.quick:
             args.arch.append("resnet50")
-    if min(args.repeats, args.n, args.threads, args.jobs, args.eval_repeats) < 1:
-        ap.error("--repeats, --n, --threads, --jobs and --eval-repeats must be >= 1")
+    resolve_certify_arguments(args)
+    if min(args.repeats, args.n, args.threads, args.jobs, args.eval_repeats, args.certify_n) < 1:
+        ap.error("--repeats, --n, --certify-n, --threads, --jobs and --eval-repeats must be >= 1")
     if set(args.masking) - set(args.models):
         ap.error("--masking names models that --models does not")
     args.reuse = reused_autoattack(args, ap.error)
@@ -499,6 +518,22 @@ def reused_autoattack(args: argparse.Namespace, error: Any) -> dict[str, dict[st
     return found
 
 
+def measure_costs(runner: Runner, args: argparse.Namespace, have_art: bool) -> dict[str, Any]:
+    """Attack and training-step cost on every ``--arch``."""
+    result: dict[str, Any] = {}
+    for key in ("pgd_floor_ratio", "pgd_last_iterate_floor_ratio", "apgd_floor_ratio", "vs_art", "train_step_ratio"):
+        result[key] = {}
+    for name in args.arch:
+        s = model_settings(name, args)
+        if "attacks" not in args.skip:
+            runner.say(f"attack cost on {name}")
+            for key, value in measure_attacks(runner, name, s, args, have_art).items():
+                result[key][name] = value
+        if "training" not in args.skip:
+            result["train_step_ratio"][name] = measure_training(runner, name, s, args)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     import torch
@@ -510,22 +545,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     have_aa = importlib.util.find_spec("pyautoattack") is not None and not args.no_autoattack
     t0 = time.perf_counter()
     result: dict[str, Any] = {
-        "what": "benchmarks (issues 13, 17): cost ratios, evaluations vs AutoAttack, data throughput",
+        "what": "benchmarks (issues 13, 17, 20): cost ratios, evaluations vs AutoAttack, data throughput, certified bounds",
         "command": "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "docs", "reuse")},
         "versions": versions(),
         "floors": {m: floor_for(m)[0] for m in _method_names()},
     }
-    for key in ("pgd_floor_ratio", "pgd_last_iterate_floor_ratio", "apgd_floor_ratio", "vs_art", "train_step_ratio"):
-        result[key] = {}
-    for name in args.arch:
-        s = model_settings(name, args)
-        if "attacks" not in args.skip:
-            runner.say(f"attack cost on {name}")
-            for key, value in measure_attacks(runner, name, s, args, have_art).items():
-                result[key][name] = value
-        if "training" not in args.skip:
-            result["train_step_ratio"][name] = measure_training(runner, name, s, args)
+    result.update(measure_costs(runner, args, have_art))
     if not have_art:
         result["vs_art"] = "skipped: adversarial-robustness-toolbox is not installed"
     if "data" not in args.skip:
@@ -535,6 +561,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         result["vs_autoattack"] = "skipped: no --models given"
         result["eval_speedup"] = "skipped: no --models given"
+    if "certify" not in args.skip:
+        result["certify"] = measure_certify(runner, args, run_meta)
     result["seconds"] = time.perf_counter() - t0
     write_result(args.out, result)
     from logitpair.environment import environment

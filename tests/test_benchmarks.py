@@ -68,6 +68,7 @@ def test_quick_benchmark_writes_the_documented_schema(tmp_path, data_dir):
     cmd = [
         sys.executable, "benchmarks/run.py", "--quick", "--out", str(out), "--models", str(run), masked, "--n", "40",
         "--masking", masked, "--arch", ARCH, "--data-dir", str(data_dir), "--docs", str(docs),
+        "--certify", str(run), "--certify-n", "10", "--certify-methods", "ibp", "crown", "--certify-eps", "0.1", "0.01",
     ]  # fmt: skip
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -120,9 +121,31 @@ def test_quick_benchmark_writes_the_documented_schema(tmp_path, data_dir):
     folder = r["data"]["image_folder"]
     assert folder == "skipped: Pillow is not installed" or _positive(folder["test"]["images_per_second"]["median"])
 
+    _check_certify(r["certify"], run)
+
     text = docs.read_text()
     assert text.startswith("# Performance\n\nprose\n") and text.endswith("end\n") and "STALE" not in text
-    assert "Attack cost" in text and "Evaluations vs AutoAttack" in text
+    assert "Attack cost" in text and "Evaluations vs AutoAttack" in text and "Certified bounds" in text
+
+
+def _check_certify(c: dict, run: Path) -> None:
+    speed = c["speed"]
+    for method, n in (("ibp", 20), ("crown-ibp", 20), ("crown", 1), ("alpha-crown", 1)):
+        assert speed[method]["n"] == n and _positive(speed[method]["points_per_second"]), method
+    reps = len(speed["crown-ibp"]["seconds_per_point"])
+    assert reps == 2 and speed["target"]["crown_ibp_points_per_second"]["target"] == 200
+    entry = c["runs"][str(run)]
+    assert entry["method"] == "regular" and set(entry["by_eps"]) == {"0.1", "0.01"}
+    for row in entry["by_eps"].values():
+        assert set(row["methods"]) == {"ibp", "crown"} and "target" not in row  # a regular run: no target
+        ibp, crown = row["methods"]["ibp"], row["methods"]["crown"]
+        assert ibp["clean"] == crown["clean"] and ibp["certified"]["n"] == 10
+        assert crown["certified"]["value"] >= ibp["certified"]["value"], "crown's bound is floored at IBP's"
+        assert crown["certified"]["value"] <= crown["clean"]["value"] and sum(crown["counts"].values()) == 10
+    assert (
+        entry["by_eps"]["0.01"]["methods"]["crown"]["certified"]["value"]
+        >= entry["by_eps"]["0.1"]["methods"]["crown"]["certified"]["value"]
+    )
 
 
 def test_autoattack_entries_can_be_reused_from_an_earlier_result(tmp_path, data_dir):

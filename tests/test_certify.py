@@ -127,3 +127,49 @@ def test_cli(tiny_run, tmp_path, capsys):
     assert attacks[0] == "the fast suite" and attacks[1].startswith("the evaluation's attacks"), attacks
     md = (run / "certify.md").read_text()
     assert "## The sandwich at ε = 0.1" in md and "certify.png" in md
+
+
+@pytest.fixture(scope="module")
+def lenet5_points():
+    """The registered ``lenet5`` trained on 512 high-contrast prototype images (a class prototype
+    plus noise; 100% on held-out points in about 1 s) and 12 held-out points."""
+    from logitpair.models import create_model
+
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(10, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (524,), generator=g)
+    x = (0.5 + 0.4 * (2 * protos[y] - 1) + 0.2 * (2 * torch.rand(524, 1, 28, 28, generator=g) - 1)).clamp(0, 1)
+    torch.manual_seed(0)
+    model = create_model("lenet5", num_classes=10, in_channels=1, image_size=28)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(4):
+        for i in range(0, 512, 32):
+            loss = torch.nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    acc = (model(x[512:]).argmax(1) == y[512:]).float().mean()
+    assert acc > 0.9, f"the LeNet-5 failed to train ({acc:.2f})"
+    return model, x[512:], y[512:]
+
+
+def test_trained_lenet5_alpha_crown_beats_crown_and_nothing_certified_is_broken(lenet5_points):
+    """The issue's checks on a trained LeNet-5 (8 points, eps 0.01, where CROWN certifies some
+    points and not others): alpha-CROWN is never looser than CROWN and tighter somewhere, and no
+    point either certifies is broken by any attack of the fast suite (``sandwich`` raises on one)."""
+    model, x, y = lenet5_points
+    x, y, threat = x[:8], y[:8], Linf(0.01)
+    crown = bounds.margin_bounds(model, x, y, threat=threat, method="crown")
+    alpha = bounds.margin_bounds(model, x, y, threat=threat, method="alpha-crown")
+    finite = torch.isfinite(crown)
+    assert (alpha >= crown - 1e-6)[finite].all(), "alpha-CROWN keeps the best bound, CROWN's slopes included"
+    gain = (alpha - crown)[finite]
+    assert (gain > 1e-3).any(), f"alpha-CROWN tightened no margin bound (largest gain {gain.max():.2e})"
+
+    attacked = evaluate(model, x, y, threat=threat, suite="fast", batch_size=8)
+    for lower in (crown, alpha):
+        flags = attacked.clean_correct & (lower > 0).all(1)
+        assert 0 < int(flags.sum()) < 8, "the check needs certified and uncertified points"
+        sw = sandwich(flags, attacked.clean_correct, attacked.robust, attack="fast")
+        assert sw["certified"]["value"] <= sw["attacked"]["value"] <= sw["clean"]["value"]
