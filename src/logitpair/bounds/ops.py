@@ -2,7 +2,7 @@
 
 Every op maps a batch ``z`` of shape ``(N, *in_shape)`` to ``(N, *out_shape)`` and offers
 
-- ``forward(z)``: the layer itself (the chain's output is checked against the model's);
+- ``forward(z)``: the layer itself (the DAG's output is checked against the model's);
 - ``ibp(l, u, rtol)``: an interval ``[l, u]`` of its inputs to one of its outputs (Gowal et al. 2018);
 - ``back(A, ...) -> (A', bias, mag)``: a linear lower bound ``A·out ≥ A'·in + bias`` pulled back
   through the layer (CROWN, Zhang et al. 2018). ``A`` has shape ``(B, S, *out_shape)`` (S rows
