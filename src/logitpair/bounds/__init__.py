@@ -3,10 +3,12 @@
 ``margin_bounds(model, x, y, *, threat, method="crown", **opts)`` (N, K): lower bounds on
 ``f_y(x') - f_j(x')`` for every ``x'`` of the ball, column ``y`` = +inf; ``certified(...)`` (N,)
 booleans; ``interval_bounds(model, lower, upper)``: IBP logit intervals (differentiable).
-Methods: ``ibp``, ``crown-ibp``, ``crown``, ``alpha-crown``. The model is read as a chain of
-layers (``graph.py``: traced with ``torch.fx``, checked against its output), each a small op
-(``ops.py``); the computations are in ``propagate.py``. This package imports only the
-foundations (``threat``, ``errors``) and torch.
+Methods: ``ibp``, ``crown-ibp``, ``crown``, ``alpha-crown``. The model is read as a DAG of
+layers (``graph.py``: traced with ``torch.fx``, checked against its output; ``dag.py``: the nodes
+in topological order, each with the nodes it reads), each a small op (``ops.py``): a chain, or
+with residual additions ``a + b`` (``preact-resnet18``), an ``Add`` node whose backward pull-back
+gives its coefficients to both terms. The computations are in ``propagate.py``. This package
+imports only the foundations (``threat``, ``errors``) and torch.
 
 Example::
 

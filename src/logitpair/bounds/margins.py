@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from logitpair.bounds.graph import build_chain
-from logitpair.bounds.ops import Affine, Op
+from logitpair.bounds.dag import Dag
+from logitpair.bounds.graph import build_dag
+from logitpair.bounds.ops import Affine
 from logitpair.bounds.propagate import (
     CHUNK_ELEMENTS,
     alpha_crown,
@@ -61,40 +62,41 @@ def margin_spec(y: Tensor, num_classes: int, like: Tensor) -> tuple[Tensor, Tens
     return eye[y][:, None, :] - eye[others], others
 
 
-def _ibp(ops: list[Op], spec: Tensor, box: tuple[Tensor, Tensor], opt: dict[str, Any]) -> Tensor:
+def _ibp(dag: Dag, spec: Tensor, box: tuple[Tensor, Tensor], opt: dict[str, Any]) -> Tensor:
     """IBP with the specification folded into the last layer when it is affine."""
-    last = ops[-1] if ops and isinstance(ops[-1], Affine) else None
-    lower, upper = ibp_through(ops[:-1] if last else ops, *box, opt["rtol"])
+    last = dag.ops[-1] if dag.ops and isinstance(dag.ops[-1], Affine) else None
+    node = dag.inputs[-1][0] if last else dag.output
+    lower, upper = ibp_through(dag, *box, opt["rtol"], node)
     if last is None:
         zero = spec.new_zeros(spec.shape[:2])
         return concretize(spec, zero, zero, lower, upper, opt["rtol"])
     return concretize(*last.back(spec), lower, upper, opt["rtol"])
 
 
-def _crown(ops: list[Op], spec: Tensor, box: tuple[Tensor, Tensor], opt: dict[str, Any], *, full: bool) -> Tensor:
-    bounds, _ = intermediate_bounds(ops, *box, crown=full, rtol=opt["rtol"])
-    return concretize(*backward(ops, len(ops), spec, bounds), *box, opt["rtol"])
+def _crown(dag: Dag, spec: Tensor, box: tuple[Tensor, Tensor], opt: dict[str, Any], *, full: bool) -> Tensor:
+    bounds, _ = intermediate_bounds(dag, *box, crown=full, rtol=opt["rtol"])
+    return concretize(*backward(dag, dag.output, spec, bounds), *box, opt["rtol"])
 
 
-def _alpha(ops: list[Op], spec: Tensor, box: tuple[Tensor, Tensor], opt: dict[str, Any]) -> Tensor:
-    bounds, _ = intermediate_bounds(ops, *box, crown=True, rtol=opt["rtol"])
-    return alpha_crown(ops, spec, bounds, box, iterations=opt["iterations"], lr=opt["lr"], rtol=opt["rtol"])
+def _alpha(dag: Dag, spec: Tensor, box: tuple[Tensor, Tensor], opt: dict[str, Any]) -> Tensor:
+    bounds, _ = intermediate_bounds(dag, *box, crown=True, rtol=opt["rtol"])
+    return alpha_crown(dag, spec, bounds, box, iterations=opt["iterations"], lr=opt["lr"], rtol=opt["rtol"])
 
 
-def _run(method: str, ops: list[Op], spec: Tensor, box: tuple[Tensor, Tensor], opt: dict[str, Any]) -> Tensor:
+def _run(method: str, dag: Dag, spec: Tensor, box: tuple[Tensor, Tensor], opt: dict[str, Any]) -> Tensor:
     if method == "ibp":
-        return _ibp(ops, spec, box, opt)
+        return _ibp(dag, spec, box, opt)
     if method == "crown-ibp":
-        return _crown(ops, spec, box, opt, full=False)
+        return _crown(dag, spec, box, opt, full=False)
     # Full CROWN and alpha-CROWN: no autograd graph, points in groups that bound the memory.
-    widest = max(max(prod(op.in_shape), prod(op.out_shape)) for op in ops)
+    widest = max((max(prod(op.in_shape), prod(op.out_shape)) for op in dag.ops), default=1)
     group = max(1, CHUNK_ELEMENTS // (128 * widest))
     parts = []
     with torch.no_grad():
         for sl, su, sc in zip(box[0].split(group), box[1].split(group), spec.split(group)):
             run = _alpha if method == "alpha-crown" else _crown
             kwargs = {} if method == "alpha-crown" else {"full": True}
-            parts.append(run(ops, sc, (sl, su), opt, **kwargs))
+            parts.append(run(dag, sc, (sl, su), opt, **kwargs))
     return torch.cat(parts)
 
 
@@ -103,8 +105,9 @@ def margin_bounds(
 ) -> Tensor:
     """Certified lower bounds on ``f_y(x') - f_j(x')`` over every ``x'`` of the threat's ball.
 
-    ``model`` maps inputs in [0, 1] to logits (N, K) through a chain of supported layers
-    (:data:`logitpair.bounds.graph.SUPPORTED`; BatchNorm uses its running statistics);
+    ``model`` maps inputs in [0, 1] to logits (N, K) through supported layers, in a chain or
+    with residual additions (:data:`logitpair.bounds.graph.SUPPORTED`; BatchNorm uses its
+    running statistics);
     ``x`` (N, ...) on the model's device and dtype, ``y`` (N,) labels; ``threat`` an
     L-infinity threat (the ball is intersected with ``threat.bounds``). Returns (N, K): entry
     ``[i, j]`` ≤ the margin over class ``j`` for every point of the ball, column ``y`` is
@@ -127,10 +130,10 @@ def margin_bounds(
     """
     opt = _options(method, opts)
     box = input_box(x, threat)
-    ops = build_chain(model, x)
-    num_classes = prod(ops[-1].out_shape) if ops else prod(x.shape[1:])
+    dag = build_dag(model, x)
+    num_classes = prod(dag.ops[-1].out_shape) if dag.ops else prod(x.shape[1:])
     spec, others = margin_spec(y, num_classes, x)
-    bound = _run(method, ops, spec, box, opt)
+    bound = _run(method, dag, spec, box, opt)
     full = bound.new_full((len(y), num_classes), float("inf"))
     return full.scatter(1, others, bound)
 
@@ -145,4 +148,4 @@ def interval_bounds(
 ) -> tuple[Tensor, Tensor]:
     """IBP: the interval of the logits over the input box ``[lower, upper]`` (N, ...), differentiable
     with respect to the parameters and the box (the certified-training losses use it)."""
-    return ibp_through(build_chain(model, lower), lower, upper, rtol)
+    return ibp_through(build_dag(model, lower), lower, upper, rtol)

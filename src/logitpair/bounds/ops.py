@@ -2,7 +2,7 @@
 
 Every op maps a batch ``z`` of shape ``(N, *in_shape)`` to ``(N, *out_shape)`` and offers
 
-- ``forward(z)``: the layer itself (the chain's output is checked against the model's);
+- ``forward(z)``: the layer itself (the DAG's output is checked against the model's);
 - ``ibp(l, u, rtol)``: an interval ``[l, u]`` of its inputs to one of its outputs (Gowal et al. 2018);
 - ``back(A, ...) -> (A', bias, mag)``: a linear lower bound ``A·out ≥ A'·in + bias`` pulled back
   through the layer (CROWN, Zhang et al. 2018). ``A`` has shape ``(B, S, *out_shape)`` (S rows
@@ -11,7 +11,8 @@ Every op maps a batch ``z`` of shape ``(N, *in_shape)`` to ``(N, *out_shape)`` a
   have shape ``(B, S)``.
 
 Affine ops (:class:`Dense`, :class:`Conv`, :class:`ChannelAffine`, :class:`Reshape`,
-:class:`Pool`) pull back exactly; :class:`ReLU` and :class:`MaxPool` are ``nonlinear`` and
+:class:`Pool`) and the two-input :class:`Add` (a residual connection: ``forward(a, b)``,
+``ibp(l_a, u_a, rtol, (l_b, u_b))``, ``back`` the same ``A`` for both inputs) pull back exactly; :class:`ReLU` and :class:`MaxPool` are ``nonlinear`` and
 take the interval of their inputs (and, for the ReLU, optional lower slopes ``alpha``). A ReLU
 followed by a max-pool is pulled back in one step on the pooled shape
 (:meth:`MaxPool.back_after_relu`, what :func:`~logitpair.bounds.propagate.backward` uses).
@@ -34,7 +35,8 @@ def _rest(t: Tensor) -> tuple[int, ...]:
 
 
 class Op(ABC):
-    """Base class: shapes are set by :func:`logitpair.bounds.graph.build_chain` on an example."""
+    """Base class: shapes are set by :func:`logitpair.bounds.graph.build_dag` on an example
+    (``in_shape``: the first input's)."""
 
     nonlinear = False
     in_shape: tuple[int, ...] = ()
@@ -170,6 +172,33 @@ class Pool(Affine):
             (out,) = torch.autograd.grad(self.fn(z), z, A.reshape(b * s, *self.out_shape), create_graph=A.requires_grad)
         zero = A.new_zeros(b, s)
         return out.reshape(b, s, *self.in_shape), zero, zero
+
+
+class Add(Op):
+    """``a + b``: a residual connection, the sum of two nodes' outputs of the same shape (a node of
+    a :class:`~logitpair.bounds.dag.Dag` with two inputs).
+
+    IBP: centres and radii add, the radius widened by ``rtol`` times the magnitude of the terms
+    (as :meth:`Affine.ibp`). The pull-back is exact: ``A·(a + b) = A·a + A·b``, so ``back`` returns
+    ``A`` itself, the coefficients of every input (the backward pass adds it to each input's)."""
+
+    def forward(self, z: Tensor, *others: Tensor) -> Tensor:
+        for other in others:
+            z = z + other
+        return z
+
+    def ibp(self, lower: Tensor, upper: Tensor, rtol: float, *others: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """``lower, upper``: the first input's interval; ``others``: the other inputs' intervals."""
+        pairs = ((lower, upper), *others)
+        mids = [(up + lo) / 2 for lo, up in pairs]
+        rads = [(up - lo) / 2 for lo, up in pairs]
+        centre = self.forward(*mids)
+        radius = self.forward(*(r * (1 + rtol) + rtol * m.abs() for m, r in zip(mids, rads))) + rtol * centre.abs()
+        return centre - radius, centre + radius
+
+    def back(self, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        zero = A.new_zeros(A.shape[:2])
+        return A, zero, zero
 
 
 def relu_upper(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
