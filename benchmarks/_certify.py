@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 FAST = ("ibp", "crown-ibp")
 SLOW = ("crown", "alpha-crown")
 CERTIFIED_METHODS = ("ibp", "crown-ibp")  # training methods the certified-accuracy target applies to
+ATTACKED = "attacked"  # the key of the attack evaluation beside the bound methods
 SPEED_TARGET = 200.0  # CROWN-IBP points per second on lenet5
 TARGET_EPS, TARGET_N, TARGET_CERTIFIED, TARGET_CLEAN = 0.1, 1000, 0.66, 0.76
 
@@ -75,7 +77,11 @@ def build_certify(task: dict[str, Any], device: torch.device) -> tuple[Callable[
     def fn() -> dict[str, Any]:
         res = certify(net, x, y, threat=Linf(eps), method=task["method"], batch_size=task["batch"])
         s = res.summary()
-        return {k: s[k] for k in ("clean", "certified", "counts", "seconds_per_point")} | {"eps": eps}
+        flags = "".join("1" if c else "0" for c in res.certified.tolist())
+        return {k: s[k] for k in ("clean", "certified", "counts", "seconds_per_point")} | {
+            "eps": eps,
+            "certified_points": flags,
+        }
 
     return fn, None
 
@@ -115,31 +121,64 @@ def _target(meta: dict[str, Any], eps: float, methods: dict[str, Any]) -> dict[s
     }
 
 
-def _runs(runner: Any, args: argparse.Namespace, run_meta: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+def _tasks(args: argparse.Namespace) -> dict[tuple[str, Any, str], dict[str, Any]]:
+    """One task per run, eps and bound method, and one attack evaluation per run and eps."""
     tasks: dict[tuple[str, Any, str], dict[str, Any]] = {}
     for run in args.certify:
         for eps in args.certify_eps or [None]:
+            base = {"run": run, "eps": eps, "once": True, "n": args.certify_n, "data_dir": args.data_dir}
+            if args.certify_attack != "none":
+                tasks[run, eps, ATTACKED] = {
+                    **base,
+                    "kind": "suite",
+                    "suite": args.certify_attack,
+                    "batch": args.eval_batch,
+                }
             for method in args.certify_methods:
-                tasks[run, eps, method] = {"kind": "certify", "run": run, "eps": eps, "method": method, "once": True,
-                                           "n": args.certify_n, "batch": args.certify_batch,
-                                           "data_dir": args.data_dir}  # fmt: skip
-    res = runner.pool(tasks, 1, args.jobs)
+                tasks[run, eps, method] = {**base, "kind": "certify", "method": method, "batch": args.certify_batch}
+    return tasks
+
+
+def _sandwich(methods: dict[str, Any], attacked: dict[str, Any]) -> dict[str, Any]:
+    """Per method: points certified and broken by the attacks (must be 0), and undecided ones."""
+    robust = attacked["robust_points"]
+    out = {}
+    for m, e in methods.items():
+        if "certified_points" in e:
+            cert = e["certified_points"]
+            out[m] = {"contradictions": sum(c == "1" and r == "0" for c, r in zip(cert, robust, strict=True)),
+                      "undecided": sum(c == "0" and r == "1" for c, r in zip(cert, robust, strict=True))}  # fmt: skip
+    return out
+
+
+def _row(run: str, eps: Any, meta: dict[str, Any], res: dict, args: argparse.Namespace) -> dict[str, Any]:
+    methods = {}
+    for method in args.certify_methods:
+        r = res[run, eps, method]
+        methods[method] = {"error": r["error"]} if "error" in r else r["runs"][-1]
+    found = next((m["eps"] for m in methods.values() if "eps" in m), eps)
+    row: dict[str, Any] = {"eps": found, "methods": methods}
+    if (run, eps, ATTACKED) in res:
+        a = res[run, eps, ATTACKED]
+        row["attacked"] = {"error": a["error"]} if "error" in a else {"suite": args.certify_attack, **a["runs"][-1]}
+        if "robust_points" in row["attacked"]:
+            row["sandwich"] = _sandwich(methods, row["attacked"])
+    target = _target(meta, found, methods) if found is not None else None
+    if target:
+        row["target"] = target
+    return row
+
+
+def _runs(runner: Any, args: argparse.Namespace, run_meta: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    res = runner.pool(_tasks(args), 1, args.jobs)
     out: dict[str, Any] = {}
     for run in args.certify:
         meta = run_meta(run)
         entry: dict[str, Any] = {"run": run, "method": meta.get("method"), "model": (meta.get("model") or {}).get("name"),
                                  "n": args.certify_n, "by_eps": {}}  # fmt: skip
         for eps in args.certify_eps or [None]:
-            methods = {}
-            for method in args.certify_methods:
-                r = res[run, eps, method]
-                methods[method] = {"error": r["error"]} if "error" in r else r["runs"][-1]
-            found = next((m["eps"] for m in methods.values() if "eps" in m), eps)
-            row: dict[str, Any] = {"eps": found, "methods": methods}
-            target = _target(meta, found, methods) if found is not None else None
-            if target:
-                row["target"] = target
-            entry["by_eps"][f"{found:g}" if found is not None else "run's"] = row
+            row = _row(run, eps, meta, res, args)
+            entry["by_eps"][f"{row['eps']:g}" if row["eps"] is not None else "run's"] = row
         out[run] = entry
     return out
 
@@ -159,6 +198,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--certify-methods", nargs="+", default=["ibp", "crown-ibp", "crown", "alpha-crown"],
                    choices=(*FAST, *SLOW))  # fmt: skip
+    g.add_argument("--certify-attack", default="fast", help="suite run on the same points (default fast; none: skip)")
     g.add_argument("--certify-n", type=int, default=None, help="test points per certification (default --n)")
     g.add_argument("--certify-batch", type=int, default=200, help="points per bound batch (default 200)")
     g.add_argument(
@@ -194,17 +234,50 @@ def markdown(r: dict[str, Any]) -> str:
         else:
             text += f"| {m} | {e['n']} | {min(e['seconds_per_point']):.4g} | {e['points_per_second']:.4g} |\n"
     runs = c.get("runs")
-    if isinstance(runs, dict):
-        for entry in runs.values():
-            text += f"\n`{entry['method']}` ({entry['run']}), first {entry['n']} test points:\n\n"
-            text += "| eps | method | clean | certified [95% CI] | s/point |\n|---|---|---|---|---|\n"
-            for row in entry["by_eps"].values():
-                for m, e in row["methods"].items():
-                    if "error" in e:
-                        text += f"| {row['eps']} | {m} | – | {e['error']} | – |\n"
-                        continue
-                    lo, hi = e["certified"]["ci95"]
-                    text += (f"| {e['eps']:g} | {m} | {100 * e['clean']['value']:.1f} | "
-                             f"{100 * e['certified']['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | "
-                             f"{e['seconds_per_point']:.3g} |\n")  # fmt: skip
+    if isinstance(runs, dict) and runs:
+        text += _runs_markdown(runs)
     return text
+
+
+def _cell(e: dict[str, Any], key: str) -> str:
+    if "error" in e:
+        return "error"
+    return f"{100 * e[key]['value']:.1f}"
+
+
+def _runs_markdown(runs: dict[str, Any]) -> str:
+    """One table per eps: a row per run, its clean and attacked accuracy and each method's certified accuracy."""
+    first = next(iter(runs.values()))
+    methods = list(next(iter(first["by_eps"].values()))["methods"])
+    text = ""
+    for key in first["by_eps"]:
+        rows = [e for e in runs.values() if key in e["by_eps"]]
+        attack = next((r["by_eps"][key]["attacked"].get("suite") for r in rows if "attacked" in r["by_eps"][key]), None)
+        text += f"\nε = {key}, first {first['n']} test points (accuracy %; certified: every margin bound > 0):\n\n"
+        head = ["run", "clean"] + ([f"attacked ({attack})"] if attack else []) + [f"certified {m}" for m in methods]
+        text += "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
+        for e in rows:
+            row = e["by_eps"][key]
+            m0 = next(iter(row["methods"].values()))
+            cells = [f"`{e['method']}` ({Path(e['run']).name})", _cell(m0, "clean")]
+            if attack:
+                cells.append(_cell(row.get("attacked", {"error": 1}), "robust"))
+            cells += [_cell(row["methods"][m], "certified") for m in methods]
+            text += "| " + " | ".join(cells) + " |\n"
+        bad = sum(c["contradictions"] for e in rows for c in e["by_eps"][key].get("sandwich", {}).values())
+        if attack:
+            text += f"\nPoints certified by a method and broken by {attack}: {bad} (0 unless a bound or an attack is wrong).\n"
+        text += _target_lines(rows, key)
+    return text
+
+
+def _target_lines(rows: list[dict[str, Any]], key: str) -> str:
+    lines = ""
+    for e in rows:
+        target = e["by_eps"][key].get("target")
+        if target:
+            met = all(t["met"] for t in target.values())
+            lines += (f"\nTarget (issue 20) on `{e['method']}` ({Path(e['run']).name}): CROWN-certified "
+                      f"{100 * target['crown_certified']['value']:.1f}% (≥ 66) at clean {100 * target['clean']['value']:.1f}% "
+                      f"(≥ 76) on {target['points']['value']} points (≥ 1000): {'met' if met else 'not met'}.\n")  # fmt: skip
+    return lines

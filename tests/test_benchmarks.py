@@ -142,6 +142,9 @@ def _check_certify(c: dict, run: Path) -> None:
         assert ibp["clean"] == crown["clean"] and ibp["certified"]["n"] == 10
         assert crown["certified"]["value"] >= ibp["certified"]["value"], "crown's bound is floored at IBP's"
         assert crown["certified"]["value"] <= crown["clean"]["value"] and sum(crown["counts"].values()) == 10
+        assert row["attacked"]["suite"] == "fast" and row["attacked"]["clean"] == crown["clean"]
+        assert crown["certified"]["value"] <= row["attacked"]["robust"]["value"]
+        assert {m: c["contradictions"] for m, c in row["sandwich"].items()} == {"ibp": 0, "crown": 0}
     assert (
         entry["by_eps"]["0.01"]["methods"]["crown"]["certified"]["value"]
         >= entry["by_eps"]["0.1"]["methods"]["crown"]["certified"]["value"]
