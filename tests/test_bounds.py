@@ -221,25 +221,33 @@ def _param_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(m, n) for m in model.modules() for n in list(m._parameters)]
 
 
-@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
-def test_bound_gradients_match_finite_differences(method):
-    model = _tiny(3).double()
-    x = torch.rand(3, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    y = torch.tensor([0, 1, 2])
+def check_bound_gradients(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str, *, intervals: bool
+) -> None:
+    """float64 gradcheck of ``margin_bounds(method)`` (and, with ``intervals``, of the IBP logit
+    interval) with respect to every parameter of ``model``."""
     params = tuple(getattr(m, n).detach().clone().requires_grad_() for m, n in _param_slots(model))
 
     def bound(*ps):
         _inject(model, ps)
-        b = margin_bounds(model, x, y, threat=Linf(0.1), method=method)
+        b = margin_bounds(model, x, y, threat=Linf(eps), method=method)
         return b[torch.isfinite(b)]
 
     assert torch.autograd.gradcheck(bound, params, eps=1e-6, atol=1e-5)
+    if intervals:
 
-    def logits_interval(*ps):
-        _inject(model, ps)
-        return torch.cat(interval_bounds(model, x - 0.1, x + 0.1))
+        def logits_interval(*ps):
+            _inject(model, ps)
+            return torch.cat(interval_bounds(model, x - eps, x + eps))
 
-    assert torch.autograd.gradcheck(logits_interval, params, eps=1e-6, atol=1e-5)
+        assert torch.autograd.gradcheck(logits_interval, params, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_bound_gradients_match_finite_differences(method):
+    model = _tiny(3).double()
+    x = torch.rand(3, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    check_bound_gradients(model, x, torch.tensor([0, 1, 2]), 0.1, method, intervals=True)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -10,10 +10,10 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from test_bounds import _inject, _margins, _param_slots, _pgd_min, _randomize_bn, _sampled_min
+from test_bounds import _margins, _pgd_min, _randomize_bn, _sampled_min, check_bound_gradients
 from torch import nn
 
-from logitpair.bounds import METHODS, interval_bounds, margin_bounds
+from logitpair.bounds import METHODS, margin_bounds
 from logitpair.bounds.dag import INPUT, Dag
 from logitpair.bounds.graph import trace_dag
 from logitpair.bounds.margins import input_box
@@ -290,21 +290,7 @@ def test_residual_bound_gradients_match_finite_differences(method):
     model = _randomize_bn(GradNet(), torch.Generator().manual_seed(21)).double()
     x = _points((1, 4, 4), 2, 22).double()
     y = torch.tensor([0, 2])
-    params = tuple(getattr(m, n).detach().clone().requires_grad_() for m, n in _param_slots(model))
-
-    def bound(*ps):
-        _inject(model, ps)
-        b = margin_bounds(model, x, y, threat=Linf(0.05), method=method)
-        return b[torch.isfinite(b)]
-
-    assert torch.autograd.gradcheck(bound, params, eps=1e-6, atol=1e-5)
-    if method == "ibp":
-
-        def logits_interval(*ps):
-            _inject(model, ps)
-            return torch.cat(interval_bounds(model, x - 0.05, x + 0.05))
-
-        assert torch.autograd.gradcheck(logits_interval, params, eps=1e-6, atol=1e-5)
+    check_bound_gradients(model, x, y, 0.05, method, intervals=method == "ibp")
 
 
 class AddConstant(nn.Module):
