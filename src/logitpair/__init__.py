@@ -3,13 +3,13 @@
 Implements Adversarial Logit Pairing (Kannan, Kurakin, Goodfellow 2018) and the methods,
 attacks and checks around it. Public entry points: :func:`load_model`, :func:`load_run`
 (model + :class:`~logitpair.checkpoint.RunInfo`), :func:`create_model`, :func:`evaluate`, :func:`certify`,
-:class:`Linf`, ``logitpair.attacks.*`` and ``logitpair.audit.audit``.
+:class:`Linf`, :class:`L2`, ``logitpair.attacks.*`` and ``logitpair.audit.audit``.
 """
 
 from logitpair._version import __version__
-from logitpair.threat import Linf
+from logitpair.threat import L2, Linf
 
-__all__ = ["Linf", "__version__", "certify", "create_model", "evaluate", "load_model", "load_run"]
+__all__ = ["L2", "Linf", "__version__", "certify", "create_model", "evaluate", "load_model", "load_run"]
 
 
 def load_model(path, *, device="cpu"):
