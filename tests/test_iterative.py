@@ -3,7 +3,8 @@
 Each attack on the core (PGD, the official notation, MI-FGSM, FGSM, FGSM-RS, TRADES' adversary)
 is compared bit for bit with a straightforward loop written here (its own forward, cross-entropy
 and gradient; the threat's primitives for start, step and projection). A threat with another
-norm (a test-local L2 ball) plugs into the core; the L-inf-only attacks refuse it.
+norm (a test-local L2 ball, written against the interface only) plugs into the core; the attacks
+whose registry entry does not name its norm refuse it, and every attack refuses an unknown norm.
 """
 
 from __future__ import annotations
@@ -16,7 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from logitpair.attacks import ATTACKS, apgd_ce, fgsm, mi_fgsm, official, official_attack, parse_official, pgd
+from logitpair.attacks import (
+    ATTACKS,
+    apgd_ce,
+    attack_info,
+    fgsm,
+    mi_fgsm,
+    official,
+    official_attack,
+    parse_official,
+    pgd,
+)
 from logitpair.attacks.common import attack_objective
 from logitpair.attacks.iterative import BestIterate, perturb_iterative, start_point
 from logitpair.errors import ConfigError
@@ -24,7 +35,7 @@ from logitpair.methods import METHODS, BatchContext
 from logitpair.methods.crafting import fgsm_rs
 from logitpair.methods.trades import START_STD, trades_adversary
 from logitpair.pairing import pair_distance
-from logitpair.threat import Linf, Threat, require_linf
+from logitpair.threat import Linf, Threat, require_linf, require_norm
 
 SMALL = Linf(0.03)  # small enough that not every point breaks: keep-best and restarts matter
 
@@ -260,7 +271,23 @@ def test_another_norm_plugs_into_the_core(attack, setup):
     assert (x_adv - x).flatten(1).norm(dim=1).max() > 0.5  # it moved, in L2 units
 
 
-@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "square", "fab", "fab-t", "noise", "official"])
+@dataclass(frozen=True)
+class _L7(_L2):
+    """A norm no attack declares."""
+
+    @property
+    def norm(self) -> str:
+        return "L7"
+
+
+_LINF_ONLY = [n for n in ATTACKS.names() if "L2" not in attack_info(n).norms]
+
+
+def test_the_linf_only_attacks_are_the_expected_ones():
+    assert _LINF_ONLY == ["noise", "official"]
+
+
+@pytest.mark.parametrize("name", _LINF_ONLY)
 def test_linf_only_attacks_refuse_another_norm(name, setup):
     model, x, y, _ = setup
     extra = {"spec": "pgd_8_2_5"} if name == "official" else {}
@@ -268,11 +295,20 @@ def test_linf_only_attacks_refuse_another_norm(name, setup):
         ATTACKS.get(name)(model, x[:4], y[:4], threat=_L2(1.0), **extra)
 
 
+@pytest.mark.parametrize("name", [n for n in ATTACKS.names() if n not in ("pgd", "fgsm", "mi-fgsm")])
+def test_attacks_refuse_a_norm_they_do_not_declare(name, setup):
+    model, x, y, _ = setup
+    extra = {"spec": "pgd_8_2_5"} if name == "official" else {}
+    with pytest.raises(ConfigError, match="supports the .* threat models? only"):
+        ATTACKS.get(name)(model, x[:4], y[:4], threat=_L7(1.0), **extra)
+
+
 def test_require_linf():
     t = Linf(0.1)
     assert require_linf(t, "x") is t
-    with pytest.raises(ConfigError, match=r"^APGD here supports the Linf threat model only, got _L2\(eps=1.0"):
-        apgd_ce(nn.Identity(), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), threat=_L2(1.0))
+    assert require_norm(t, ("Linf", "L2"), "x") is t
+    with pytest.raises(ConfigError, match=r"^APGD supports the Linf and L2 threat models only, got _L7\(eps=1.0"):
+        apgd_ce(nn.Identity(), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), threat=_L7(1.0))
     with pytest.raises(ConfigError, match=r"^the official notation \(pgd\|pgdll\|pgdrnd_EPS_STEP_NITER\) supports"):
         official(nn.Identity(), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), threat=_L2(1.0), spec="pgd_8_2_5")
 

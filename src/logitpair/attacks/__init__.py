@@ -7,14 +7,17 @@ found them, and returns a tensor inside the threat model's ball and bounds.
 from dataclasses import dataclass
 from typing import Any
 
+from logitpair.attacks.apgd import NORMS as APGD_NORMS
 from logitpair.attacks.apgd import apgd, apgd_ce, apgd_dlr, apgd_t
 from logitpair.attacks.common import predict, random_target
+from logitpair.attacks.fab import NORMS as FAB_NORMS
 from logitpair.attacks.fab import fab, fab_t
 from logitpair.attacks.fgsm import fgsm
 from logitpair.attacks.mifgsm import mi_fgsm
 from logitpair.attacks.noise import random_noise
 from logitpair.attacks.official import OfficialSpec, official, official_attack, official_threat, parse_official
 from logitpair.attacks.pgd import pgd
+from logitpair.attacks.square import NORMS as SQUARE_NORMS
 from logitpair.attacks.square import square
 from logitpair.models.ensemble import EnsembleLogits  # re-exported: its home is logitpair.models
 from logitpair.registry import Registry
@@ -30,7 +33,9 @@ class AttackInfo:
     takes ``targeted=`` and ``target=`` (the targeted protocol); ``gradient_free``: it never
     differentiates the model (its successes are a gradient-masking signal); ``topk``: it takes the
     top-``k`` success criterion ``k=``; ``warm``: the warm-start inputs it takes (``init`` = start
-    point, ``rank_by`` = the points whose logits rank its target classes).
+    point, ``rank_by`` = the points whose logits rank its target classes); ``norms``: the threat
+    models it supports, as :attr:`Threat.norm <logitpair.threat.Threat.norm>` names them (the
+    protocol refuses any other with a ConfigError before running anything).
     """
 
     options: tuple[str, ...] = ()
@@ -38,6 +43,7 @@ class AttackInfo:
     gradient_free: bool = False
     topk: bool = False
     warm: tuple[str, ...] = ()
+    norms: tuple[str, ...] = ("Linf",)
 
 
 ATTACK_INFO: dict[str, AttackInfo] = {}
@@ -55,18 +61,27 @@ def attack_info(name: str) -> AttackInfo:
     return ATTACK_INFO.get(name, AttackInfo())
 
 
+def attacks_for(norm: str) -> list[str]:
+    """The registered attacks that support the threat model ``norm`` (``"Linf"``, ``"L2"``), sorted."""
+    return [n for n in ATTACKS.names() if norm in attack_info(n).norms]
+
+
 _APGD = ("steps", "restarts", "rho", "momentum", "trace")
-register("fgsm", fgsm, AttackInfo(targeted=True))
+_ANY = ("Linf", "L2")  # the iterative core: any threat's step and projection
+register("fgsm", fgsm, AttackInfo(targeted=True, norms=_ANY))
 register("pgd", pgd, AttackInfo(("steps", "step_size", "random_start", "restarts", "keep_best"), targeted=True,
-                                topk=True, warm=("init",)))  # fmt: skip
-register("apgd-ce", apgd_ce, AttackInfo(_APGD, topk=True))
-register("apgd-dlr", apgd_dlr, AttackInfo(_APGD, topk=True))
-register("apgd-t", apgd_t, AttackInfo((*_APGD, "n_target_classes"), topk=True, warm=("init", "rank_by")))
-register("square", square, AttackInfo(("queries", "p_init", "restarts"), targeted=True, gradient_free=True, topk=True))
+                                topk=True, warm=("init",), norms=_ANY))  # fmt: skip
+register("apgd-ce", apgd_ce, AttackInfo(_APGD, topk=True, norms=APGD_NORMS))
+register("apgd-dlr", apgd_dlr, AttackInfo(_APGD, topk=True, norms=APGD_NORMS))
+register("apgd-t", apgd_t, AttackInfo((*_APGD, "n_target_classes"), topk=True, warm=("init", "rank_by"),
+                                      norms=APGD_NORMS))  # fmt: skip
+register("square", square, AttackInfo(("queries", "p_init", "restarts"), targeted=True, gradient_free=True, topk=True,
+                                      norms=SQUARE_NORMS))  # fmt: skip
 register("noise", random_noise, AttackInfo(("samples",), gradient_free=True, topk=True))
-register("fab-t", fab_t, AttackInfo(("steps", "n_target_classes", "restarts", "alpha_max", "eta", "beta"), topk=True))
-register("fab", fab, AttackInfo(("steps", "restarts", "alpha_max", "eta", "beta"), topk=True))
-register("mi-fgsm", mi_fgsm, AttackInfo(("steps", "decay", "step_size"), targeted=True))
+register("fab-t", fab_t, AttackInfo(("steps", "n_target_classes", "restarts", "alpha_max", "eta", "beta"), topk=True,
+                                    norms=FAB_NORMS))  # fmt: skip
+register("fab", fab, AttackInfo(("steps", "restarts", "alpha_max", "eta", "beta"), topk=True, norms=FAB_NORMS))
+register("mi-fgsm", mi_fgsm, AttackInfo(("steps", "decay", "step_size"), targeted=True, norms=_ANY))
 # the official notation pgd|pgdll|pgdrnd_EPS_STEP_NITER by name; its settings are in the name
 register("official", official, AttackInfo(("spec",), targeted=True))
 
@@ -81,6 +96,7 @@ __all__ = [
     "apgd_dlr",
     "apgd_t",
     "attack_info",
+    "attacks_for",
     "fab",
     "fab_t",
     "fgsm",

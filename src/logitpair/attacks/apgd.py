@@ -1,4 +1,4 @@
-"""Auto-PGD, L-infinity (Croce & Hein 2020, https://arxiv.org/abs/2003.01690).
+"""Auto-PGD, L-infinity and L2 (Croce & Hein 2020, https://arxiv.org/abs/2003.01690).
 
 APGD is PGD with momentum and a step size that adapts itself: it starts at ``2 * eps``
 and is halved, per example, at fixed checkpoints when progress has stalled; each halving
@@ -6,11 +6,16 @@ restarts from the best point found so far. Three losses: cross-entropy (``apgd_c
 the Difference of Logits Ratio (``apgd_dlr``) and its targeted version, which
 ``apgd_t`` runs once for each of the top-ranked wrong classes.
 
+The step is the threat's steepest-ascent step (:meth:`Threat.step <logitpair.threat.Threat.step>`):
+the signed gradient for L-infinity, the L2-normalised gradient for L2 (AutoAttack's L2 APGD, whose
+step size also starts at ``2 * eps``, in L2 units), each followed by the threat's projection.
+
 Inputs are images in the threat model's bounds (default [0, 1]) of shape (N, ...);
 labels have shape (N,). Example::
 
     x_adv = apgd_ce(model, x, y, threat=Linf(8 / 255), steps=100)
     x_adv = apgd_t(model, x, y, threat=Linf(8 / 255), n_target_classes=9)
+    x_adv = apgd_ce(model, x, y, threat=L2(0.5), steps=100)
 
 Where the paper and the authors' code (fra31/auto-attack) differ, this follows the paper:
 checkpoints are ``ceil(p_j * N)`` (the code uses ``int(0.22 * N)`` and integer
@@ -33,10 +38,12 @@ from torch import Tensor, nn
 from logitpair.attacks.common import ahead_logit, check_k, is_success, loss_grad
 from logitpair.errors import ConfigError
 from logitpair.modes import attack_context
-from logitpair.threat import Threat, require_linf
+from logitpair.threat import Threat, require_norm
 
 ApgdLoss = Literal["ce", "dlr", "dlr-targeted"]
 LossFn = Callable[[Tensor], Tensor]
+NORMS = ("Linf", "L2")
+"""The threat models APGD supports (its registry entries declare the same)."""
 
 
 def dlr_loss(logits: Tensor, y: Tensor, k: int = 1) -> Tensor:
@@ -233,11 +240,12 @@ class _Trace:
 def _momentum_step(
     threat: Threat, x: Tensor, x_cur: Tensor, x_prev: Tensor, grad: Tensor, eta: Tensor, momentum: float, k: int
 ) -> Tensor:
-    """``x^(k+1)`` from ``x^(k)``: a signed-gradient step of size ``eta``, then (after the first
-    step) APGD's momentum towards it, each projected into the ball."""
+    """``x^(k+1)`` from ``x^(k)``: the threat's steepest-ascent step of size ``eta`` (L-infinity:
+    signed gradient; L2: normalised gradient), then (after the first step) APGD's momentum towards
+    it, each projected into the ball."""
     view = (-1,) + (1,) * (x.dim() - 1)
     with torch.no_grad():
-        z = threat.project(x, x_cur + eta.view(view) * grad.sign())
+        z = threat.step(x, x_cur, grad, eta.view(view))
         if k > 0:
             z = threat.project(x, x_cur + momentum * (z - x_cur) + (1.0 - momentum) * (x_cur - x_prev))
     return z
@@ -309,7 +317,7 @@ def _make_loss(name: str, y: Tensor, target: Tensor | None, k: int = 1) -> LossF
 
 def _check(threat: Threat, steps: int, restarts: int, rho: float, momentum: float, k: int = 1) -> None:
     check_k(k)
-    require_linf(threat, "APGD here")
+    require_norm(threat, NORMS, "APGD")
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     if restarts < 1:
@@ -356,11 +364,11 @@ def apgd(
     k: int = 1,
     init: Tensor | None = None,
 ) -> Tensor:
-    """Auto-PGD (Algorithm 1 of Croce & Hein 2020), L-infinity.
+    """Auto-PGD (Algorithm 1 of Croce & Hein 2020), L-infinity or L2.
 
     From a uniform random start, with step size ``eta = 2 * eps`` per example::
 
-        z       = P(x_k + eta * sign(grad f(x_k)))
+        z       = P(x_k + eta * sign(grad f(x_k)))          (L2: grad / ||grad||_2)
         x_{k+1} = P(x_k + alpha * (z - x_k) + (1 - alpha) * (x_k - x_{k-1}))   (first step: x_1 = z)
 
     At each checkpoint of :func:`apgd_checkpoints` the step size of an example is halved

@@ -1,4 +1,4 @@
-"""Fast Adaptive Boundary attack, L-infinity (Croce & Hein 2020, https://arxiv.org/abs/1907.02044).
+"""Fast Adaptive Boundary attack, L-infinity and L2 (Croce & Hein 2020, https://arxiv.org/abs/1907.02044).
 
 FAB looks for the *smallest* perturbation that changes the decision. Each iteration
 linearises the model at the current iterate ``x_k``, projects both ``x_k`` and the clean
@@ -7,8 +7,13 @@ linearises the model at the current iterate ``x_k``, projects both ``x_k`` and t
 projections with an overshoot ``eta``::
 
     d_k, d_0 = proj(x_k) - x_k, proj(x_0) - x_0
-    a        = min(|d_k| / (|d_k| + |d_0|), alpha_max)          (|.| = L-inf norm)
+    a        = min(|d_k| / (|d_k| + |d_0|), alpha_max)          (|.| = the threat's norm)
     x_{k+1}  = clip((1 - a) * (x_k + eta * d_k) + a * (x_0 + eta * d_0))
+
+The norm decides three things (:data:`GEOMETRIES`): the projection onto a hyperplane inside the
+box (:func:`project_hyperplane_linf`, :func:`project_hyperplane_l2`), the distance to a linearised
+boundary (``|f| / ||grad f||_*`` with the dual norm: L1 for L-infinity, L2 for L2) and the distance
+of an iterate (and the random restarts, at distance ``eps / 2`` in the norm).
 
 When ``x_{k+1}`` is misclassified it is recorded if closer than the best so far, and the
 iterate is pulled back towards ``x_0``: ``x_{k+1} <- x_0 + beta * (x_{k+1} - x_0)``.
@@ -24,11 +29,13 @@ the clean ``x``. Inputs are images in the threat's bounds of shape (N, ...). Exa
 
     x_adv = fab_t(model, x, y, threat=Linf(8 / 255))                  # AutoAttack settings
     x_adv = fab(model, x, y, threat=Linf(0.3), steps=100, restarts=5)
+    x_adv = fab_t(model, x, y, threat=L2(0.5))
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +43,7 @@ from torch import Tensor, nn
 from logitpair.attacks.common import ahead_logit, check_k, is_success, loss_grad
 from logitpair.errors import ConfigError
 from logitpair.modes import attack_context
-from logitpair.threat import Threat, require_linf
+from logitpair.threat import Threat, lp_norm, require_norm
 
 # (x_k, indices of the examples) -> (f, grad f): f (n, m) linearised boundary values
 # z_c - z_y for m candidate classes, grad f of shape (n, m, d) with d = prod(x.shape[1:]).
@@ -82,6 +89,69 @@ def project_hyperplane_linf(p: Tensor, w: Tensor, b: Tensor, bounds: tuple[float
     lam = (target - before) / slope.clamp_min(torch.finfo(p.dtype).tiny)
     lam = torch.where(feasible, lam.clamp_min(0.0), torch.full_like(lam, float("inf")))
     return ws.sign() * torch.minimum(lam[:, None], room)
+
+
+def project_hyperplane_l2(p: Tensor, w: Tensor, b: Tensor, bounds: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    """Smallest L2 step onto a hyperplane inside a box, per row.
+
+    For each row, returns ``delta`` minimising ``||delta||_2`` subject to ``w . (p + delta) = b``
+    and ``lo <= p + delta <= hi``. If the box does not reach the hyperplane, ``delta`` goes as far
+    towards it as the box allows (the box's vertex in the direction of ``w``).
+
+    Args:
+        p: (n, d) points inside ``bounds``. w: (n, d) normals. b: (n,) offsets.
+
+    With ``c = b - w . p`` and ``s = sign(c)``, the optimality conditions give
+    ``delta_i = s * sign(w_i) * min(lam * |w_i|, room_i)`` for a multiplier ``lam >= 0``, where
+    ``room_i`` is the distance to the box in the direction ``s * sign(w_i)``. The reached offset
+    ``g(lam) = sum_i |w_i| min(lam |w_i|, room_i)`` is piecewise linear and increasing, with
+    breakpoints ``room_i / |w_i|``; sorting them finds the segment where ``g(lam) = |c|``.
+    """
+    lo, hi = bounds
+    c = b - (w * p).sum(1)
+    ws = torch.where(c[:, None] >= 0, w, -w)
+    target = c.abs()
+    a = ws.abs()
+    room = torch.where(ws > 0, hi - p, p - lo).clamp_min(0.0)
+    room = torch.where(a > 0, room, torch.zeros_like(room))
+    brk = room / torch.where(a > 0, a, torch.ones_like(a))  # lam at which coordinate i hits the box
+    t, order = brk.sort(1)
+    a_s, room_s = a.gather(1, order), room.gather(1, order)
+    cum_ar = (a_s * room_s).cumsum(1)  # offset of the coordinates at the box
+    a2 = a_s.square()
+    rest_a2 = a2.sum(1, keepdim=True) - a2.cumsum(1)  # sum of a_j^2 over the coordinates still free
+    g_at = cum_ar + t * rest_a2  # g at the k-th sorted breakpoint (non-decreasing in k)
+    k = (g_at < target[:, None]).sum(1)
+    feasible = k < p.shape[1]
+    k = k.clamp(max=p.shape[1] - 1)[:, None]
+    before = (cum_ar - a_s * room_s).gather(1, k).squeeze(1)  # sum_{j<k} a_j room_j
+    slope = (rest_a2 + a2).gather(1, k).squeeze(1)  # sum_{j>=k} a_j^2
+    lam = (target - before) / slope.clamp_min(torch.finfo(p.dtype).tiny)
+    lam = torch.where(feasible, lam.clamp_min(0.0), torch.full_like(lam, float("inf")))
+    return ws.sign() * torch.minimum(lam[:, None] * a, room)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What FAB needs of a norm: the projection onto a hyperplane inside the box and the dual
+    norm (the distance of ``x`` to ``{w . z = b}`` is ``|w . x - b| / ||w||_*``)."""
+
+    project: Callable[[Tensor, Tensor, Tensor, tuple[float, float]], Tensor]
+    dual: str  # the dual norm of the gradients: "L1" for L-infinity, "L2" for L2
+    norm: str  # the norm itself (lp_norm's name)
+
+
+def _dual_norm(w: Tensor, dual: str) -> Tensor:
+    """The dual norm of the last dimension of ``w`` (n, m, d): ``"L1"`` or ``"L2"``."""
+    return w.abs().sum(-1) if dual == "L1" else w.norm(dim=-1)
+
+
+GEOMETRIES: dict[str, Geometry] = {
+    "Linf": Geometry(project_hyperplane_linf, "L1", "Linf"),
+    "L2": Geometry(project_hyperplane_l2, "L2", "L2"),
+}
+NORMS = tuple(GEOMETRIES)
+"""The threat models FAB supports (its registry entries declare the same)."""
 
 
 def _targeted_boundary(model: nn.Module, y: Tensor, t: Tensor) -> BoundaryFn:
@@ -144,8 +214,10 @@ def _fab_run(
     beta: float,
     k: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """One FAB run from ``start``: (closest successful iterate, its L-inf distance; inf if none)."""
+    """One FAB run from ``start``: (closest successful iterate, its distance in the threat's norm;
+    inf if none)."""
     lo, hi = threat.bounds
+    geo = GEOMETRIES[threat.norm]
     n = len(x0)
     view = (-1,) + (1,) * (x0.dim() - 1)
     flat0 = x0.flatten(1)
@@ -157,20 +229,20 @@ def _fab_run(
         f, grad = boundary(x_k)
         with torch.no_grad():
             flat = x_k.flatten(1)
-            # the closest linearised boundary in L-inf distance: |f| / ||grad f||_1
-            dist = f.abs() / (grad.abs().sum(2) + 1e-12)
+            # the closest linearised boundary in the threat's norm: |f| / ||grad f||_* (dual norm)
+            dist = f.abs() / (_dual_norm(grad, geo.dual) + 1e-12)
             c = dist.argmin(1)
             w, fc = grad[rows, c], f[rows, c]
             b = (w * flat).sum(1) - fc  # the hyperplane {z : w . (z - x_k) + f(x_k) = 0}
-            deltas = project_hyperplane_linf(torch.cat((flat, flat0)), torch.cat((w, w)), torch.cat((b, b)), (lo, hi))
+            deltas = geo.project(torch.cat((flat, flat0)), torch.cat((w, w)), torch.cat((b, b)), (lo, hi))
             d_k, d_0 = deltas[:n], deltas[n:]
-            a_k = d_k.abs().amax(1).clamp_min(1e-8)
-            a_0 = d_0.abs().amax(1).clamp_min(1e-8)
+            a_k = lp_norm(d_k, geo.norm).clamp_min(1e-8)
+            a_0 = lp_norm(d_0, geo.norm).clamp_min(1e-8)
             alpha = (a_k / (a_k + a_0)).clamp(0.0, alpha_max)[:, None]
             flat_new = ((1 - alpha) * (flat + eta * d_k) + alpha * (flat0 + eta * d_0)).clamp(lo, hi)
             x_k = flat_new.view_as(x0)
             adv = is_success(model(x_k), y, None, k)
-            d = (x_k - x0).flatten(1).abs().amax(1)
+            d = lp_norm(x_k - x0, geo.norm)
             closer = adv & (d < best_d)
             best_x = torch.where(closer.view(view), x_k, best_x)
             best_d = torch.where(closer, d, best_d)
@@ -180,7 +252,7 @@ def _fab_run(
 
 def _check(threat: Threat, steps: int, restarts: int, alpha_max: float, eta: float, beta: float, k: int = 1) -> None:
     check_k(k)
-    require_linf(threat, "FAB here")
+    require_norm(threat, NORMS, "FAB")
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     if restarts < 1:
@@ -220,11 +292,15 @@ class _Result:
 
 
 def _start(x: Tensor, restart: int, threat: Threat, generator: torch.Generator | None) -> Tensor:
-    """First run from ``x``; later runs from a random point at L-inf distance eps / 2 (AutoAttack)."""
+    """First run from ``x``; later runs from a random point at distance eps / 2 in the threat's norm
+    (AutoAttack: a uniform direction for L-infinity, a Gaussian one for L2), clipped to the bounds."""
     if restart == 0:
         return x.clone()
-    t = 2.0 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1.0
-    scale = t.flatten(1).abs().amax(1).clamp_min(1e-12).view((-1,) + (1,) * (x.dim() - 1))
+    if threat.norm == "L2":
+        t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    else:
+        t = 2.0 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1.0
+    scale = lp_norm(t, threat.norm).clamp_min(1e-12).view((-1,) + (1,) * (x.dim() - 1))
     return (x + 0.5 * threat.eps * t / scale).clamp(*threat.bounds)
 
 
@@ -244,7 +320,7 @@ def fab_t(
     target: Tensor | None = None,
     k: int = 1,
 ) -> Tensor:
-    """Targeted FAB, L-infinity (AutoAttack's ``fab-t``; the defaults are its standard settings).
+    """Targeted FAB, L-infinity or L2 (AutoAttack's ``fab-t``; the defaults are its standard settings).
 
     The targets of an example are the classes other than ``y`` ranked by its clean logits,
     highest first; target ``i`` (``restarts`` runs each) is tried for
@@ -309,7 +385,7 @@ def fab(
     generator: torch.Generator | None = None,
     k: int = 1,
 ) -> Tensor:
-    """Untargeted FAB, L-infinity: each step heads for the closest linearised boundary of any class.
+    """Untargeted FAB, L-infinity or L2: each step heads for the closest linearised boundary of any class.
 
     Costs one forward and ``num_classes`` backward passes per iteration (use :func:`fab_t`
     for many classes). Runs, restarts and the returned point as in :func:`fab_t`. With
