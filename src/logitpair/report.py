@@ -18,6 +18,12 @@ def pct_ci(summary: dict[str, Any] | None) -> str:
     return f"{100 * summary['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
+def radius(threat: dict[str, Any]) -> str:
+    """A threat model's record (``Threat.to_dict()``) in words: ``L∞ ε = 0.1``, ``L2 ε = 0.5``."""
+    norm = {"Linf": "L∞"}.get(threat.get("norm", "Linf"), threat.get("norm", "Linf"))
+    return f"{norm} ε = {threat['eps']:g}"
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]

@@ -116,6 +116,9 @@ def _evaluation_sandwich(
     rec = ev.get("per_example")
     if not rec:
         return {"note": "evaluation.json has no per-example record (written before certify existed): evaluate again"}
+    norm = (ev.get("threat") or {}).get("norm", "Linf")  # evaluations written before L2 name no threat
+    if norm != "Linf":
+        return {"note": f"evaluation.json is of the {norm} threat model; the bounds are L∞: evaluate under L∞"}
     if rec.get("points") != points_digest(x, y) or abs(float(ev["eps"]) - eps) > 1e-12:
         return {"note": f"evaluation.json is of other points or another ε (n {ev['n']}, ε {ev['eps']:g})"}
     attacks = " + ".join(a["label"] for a in ev["white_box"]["attacks"])

@@ -10,20 +10,24 @@ from typing import Any
 
 from logitpair.certification.certify import METHODS
 from logitpair.cli.common import fraction, quiet
+from logitpair.errors import ConfigError
 from logitpair.progress import ProgressFactory, make_progress
+from logitpair.threat import NORM_NAMES
 
 
 def run(args: argparse.Namespace) -> int:
     from logitpair.evaluation import EvalOptions, evaluate_run, evaluation_markdown, get_suite, parse_attacks
 
     if args.suite != "none":
-        get_suite(args.suite)  # validate before any work
+        get_suite(args.suite, "L2" if args.norm == "l2" else None)  # validate before any work
     if args.certify is not None:
         from logitpair.certification import check_method
 
         check_method(args.certify, option="certify")
+        if args.norm != "linf":
+            raise ConfigError("bound propagation certifies the Linf threat model only; drop `certify` or `norm`")
     opts = EvalOptions(
-        n=args.n, eps=args.eps, steps=args.steps, restarts=args.restarts, step_size=args.step_size,
+        n=args.n, eps=args.eps, norm=args.norm, steps=args.steps, restarts=args.restarts, step_size=args.step_size,
         targeted=args.targeted, top5=args.top5, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size,
         suite=None if args.suite == "none" else args.suite,
         attacks=tuple(parse_attacks(args.attacks)) if args.attacks else (),
@@ -71,7 +75,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="run whose adversarial examples are transferred (black-box); several runs: crafted on their ensemble",
     )  # fmt: skip
     p.add_argument("--n", type=int, default=None, help="first N test points (default: all)")
-    p.add_argument("--eps", type=fraction, default=None, help="L-inf radius (default: the training eps)")
+    p.add_argument(
+        "--norm", choices=NORM_NAMES, default="linf",
+        help="threat model: linf (default) or l2 (needs --eps; suites quick, standard, thorough, pgd40, targeted)",
+    )  # fmt: skip
+    p.add_argument(
+        "--eps", type=fraction, default=None,
+        help="radius in the --norm (default for linf: the training eps; required for l2)",
+    )  # fmt: skip
     p.add_argument(
         "--suite", default="standard",
         help="strong attack suite after the PGD baseline: quick, standard (default), fast, thorough, targeted, pgd40 or none",
@@ -82,7 +93,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=40, help="baseline PGD steps (default 40)")
     p.add_argument("--restarts", type=int, default=2, help="baseline PGD random restarts (default 2)")
-    p.add_argument("--step-size", type=fraction, default=None, help="baseline PGD step (default 2.5*eps/steps)")
+    p.add_argument("--step-size", type=fraction, default=None, help="baseline PGD step in the norm (2.5*eps/steps)")
     p.add_argument("--save-adversarial", metavar="FILE", help="write the adversarial examples (safetensors)")
     p.add_argument("--no-resume", action="store_true", help="ignore saved partial results of an earlier evaluation")
     p.add_argument("--targeted", action="store_true", help="targeted PGD towards a random other class")

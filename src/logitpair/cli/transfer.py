@@ -1,6 +1,6 @@
 """``logitpair transfer``: the source x target matrix of transferred adversarial examples.
 
-``logitpair transfer RUN... [--attack SPEC] [--n N] [--eps EPS] [--seed S]
+``logitpair transfer RUN... [--attack SPEC] [--n N] [--norm linf|l2] [--eps EPS] [--seed S]
 [--ensemble NAME=RUN+RUN ...] [--out DIR] [--json] [--quiet] [--no-resume]`` crafts the attack
 once on every run (and ensemble) and evaluates the examples on every run; writes
 ``transfer.json``, ``transfer.md``, ``transfer.png`` and the crafted examples (``crafted/``)
@@ -16,6 +16,7 @@ from typing import Any
 from logitpair.cli.common import fraction, quiet
 from logitpair.errors import ConfigError
 from logitpair.progress import make_progress
+from logitpair.threat import NORM_NAMES
 
 
 def parse_ensemble(text: str) -> tuple[str, list[str]]:
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--ensemble: name {name!r} given twice")
         ensembles[name] = members
     opts = TransferOptions(n=args.n, eps=args.eps, attack=attack, seed=args.seed, batch_size=args.batch_size,
-                           data_dir=args.data_dir, resume=not args.no_resume)  # fmt: skip
+                           data_dir=args.data_dir, resume=not args.no_resume, norm=args.norm)  # fmt: skip
     doc = transfer_runs(
         args.runs, opts, ensembles=ensembles, out=args.out, progress=make_progress(quiet(args)), write=True
     )
@@ -62,7 +63,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (all on the same dataset)")
     p.add_argument("--attack", help="attack crafted on each source, e.g. mi-fgsm:steps=10 (default: PGD-40x2)")
     p.add_argument("--n", type=int, default=None, help="first N test points (default: all)")
-    p.add_argument("--eps", type=fraction, default=None, help="L-inf radius (default: the runs' common training eps)")
+    p.add_argument(
+        "--norm", choices=NORM_NAMES, default="linf", help="threat model: linf (default) or l2 (needs --eps)"
+    )
+    p.add_argument(
+        "--eps", type=fraction, default=None,
+        help="radius in the --norm (default for linf: the runs' common training eps; required for l2)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--ensemble", action="append", metavar="NAME=RUN+RUN",

@@ -10,7 +10,7 @@ from logitpair.evaluation.blackbox import BlackBoxResult, black_box, craft
 from logitpair.evaluation.protocol import ProtocolResult, accuracy_vs_eps, evaluate, run_protocol
 from logitpair.evaluation.run import EvalOptions, evaluate_run, evaluation_markdown, load_source, test_points
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
-from logitpair.evaluation.suites import SUITES, get_suite, parse_attacks
+from logitpair.evaluation.suites import SUITES, get_suite, parse_attacks, suite_norms
 from logitpair.evaluation.transfer import (
     TransferOptions,
     TransferResult,
@@ -38,6 +38,7 @@ __all__ = [
     "parse_attacks",
     "pgd_spec",
     "run_protocol",
+    "suite_norms",
     "test_points",
     "transfer_markdown",
     "transfer_matrix",

@@ -38,7 +38,7 @@ from logitpair.evaluation.protocol import ProtocolResult, run_protocol
 from logitpair.evaluation.spec import AttackSpec
 from logitpair.metrics import summarize, topk_correct
 from logitpair.progress import ProgressFactory, null_progress
-from logitpair.threat import Linf
+from logitpair.threat import Threat
 
 
 @dataclass
@@ -78,7 +78,7 @@ def craft(
     y: Tensor,
     attack: AttackSpec,
     *,
-    threat: Linf,
+    threat: Threat,
     seed: int = 0,
     batch_size: int = 500,
     state_path: Path | None = None,
@@ -123,7 +123,7 @@ def black_box(
     clean: Tensor | None = None,
     source: nn.Module | None = None,
     attack: AttackSpec | None = None,
-    threat: Linf | None = None,
+    threat: Threat | None = None,
     seed: int = 0,
     batch_size: int = 500,
     targeted: bool = False,

@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from logitpair.attacks import ATTACKS, attack_info
+from logitpair.attacks import ATTACKS, attack_info, attacks_for
 from logitpair.attacks.common import model_device, predict, random_target
 from logitpair.errors import ConfigError
 from logitpair.evaluation.cache import EvalCache, Fingerprint, run_batches
 from logitpair.evaluation.gates import BatchSignals, has_gates, wants_warm
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
-from logitpair.evaluation.suites import get_suite
+from logitpair.evaluation.suites import GATES_MEASURED_FOR, get_suite
 from logitpair.metrics import summarize, topk_correct
 from logitpair.progress import ProgressFactory, null_progress
-from logitpair.threat import Linf
+from logitpair.threat import Linf, Threat
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ProtocolResult:
     robust: Tensor  # bool: correct clean and under every attack
     broken_by: Tensor  # int: index of the first attack that broke the point, -1 if none (or clean-wrong)
     attacks: list[AttackSpec]
-    threat: Linf
+    threat: Threat
     seed: int
     clean_top5: Tensor | None = None
     robust_top5: Tensor | None = None
@@ -75,13 +75,14 @@ def _seed_for(seed: int, *parts: int) -> int:
     return zlib.crc32(repr((seed, *parts)).encode()) & 0x7FFF_FFFF
 
 
-def _fingerprint(attacks: list[AttackSpec], threat: Linf, x: Tensor, y: Tensor, **settings: Any) -> str:
+def _fingerprint(attacks: list[AttackSpec], threat: Threat, x: Tensor, y: Tensor, **settings: Any) -> str:
     """A digest of everything that determines the protocol's outcome, for resumable state."""
     fp = Fingerprint()
     for key in ("model", "source"):  # the target's weights and, for transfer attacks, the source's
         fp.raw_weights(settings.pop(key, None))
     fp.json([a.to_dict() for a in attacks])
-    fp.json({"eps": threat.eps, "bounds": threat.bounds, **settings})
+    norm = {} if threat.norm == "Linf" else {"norm": threat.norm}  # L-inf states saved before L2 existed stay valid
+    fp.json({"eps": threat.eps, "bounds": threat.bounds, **norm, **settings})
     return fp.tensors(x, y).hexdigest()
 
 
@@ -105,13 +106,31 @@ def _fresh_state(n: int, x: Tensor, attacks: list[AttackSpec], *, targeted: bool
     return st
 
 
-def _check_attacks(attacks: list[AttackSpec], source: nn.Module | None, targeted: bool) -> None:
+def _check_attacks(attacks: list[AttackSpec], source: nn.Module | None, targeted: bool, threat: Threat) -> None:
     if any(a.transfer for a in attacks) and source is None:
         raise ValueError("a transfer attack needs a source model")
     if targeted:
         unsupported = [a.label for a in attacks if not attack_info(a.name).targeted]
         if unsupported:
             raise ConfigError(f"targeted evaluation: attacks {', '.join(unsupported)} have no targeted mode")
+    check_norm(attacks, threat.norm)
+
+
+def check_norm(attacks: list[AttackSpec], norm: str) -> None:
+    """Every attack supports the threat model ``norm`` (its registry entry says), and gated attacks
+    run only under the norms their gates were measured on; else one ConfigError naming them."""
+    unsupported = [a.label for a in attacks if norm not in attack_info(a.name).norms]
+    if unsupported:
+        raise ConfigError(
+            f"the {norm} threat model: attack(s) {', '.join(unsupported)} do not support it; "
+            f"attacks for {norm}: {', '.join(attacks_for(norm))}"
+        )
+    gated = [a.label for a in attacks if a.gate is not None and norm not in GATES_MEASURED_FOR]
+    if gated:
+        raise ConfigError(
+            f"the {norm} threat model: the gates of {', '.join(gated)} were measured under "
+            f"{', '.join(GATES_MEASURED_FOR)} only; use an ungated suite or attack list"
+        )
 
 
 def run_protocol(
@@ -120,7 +139,7 @@ def run_protocol(
     y: Tensor,
     attacks: list[AttackSpec],
     *,
-    threat: Linf,
+    threat: Threat,
     source: nn.Module | None = None,
     batch_size: int = 500,
     seed: int = 0,
@@ -147,7 +166,7 @@ def run_protocol(
     per-example results are saved after every batch and a rerun with the same settings
     continues where the last one stopped.
     """
-    _check_attacks(attacks, source, targeted)
+    _check_attacks(attacks, source, targeted, threat)
     n = len(x)
     fp = _fingerprint(attacks, threat, x, y, model=model, seed=seed, batch_size=batch_size, targeted=targeted, top5=top5,
                       keep_adversarial=keep_adversarial, transfer=source is not None, source=source,
@@ -256,7 +275,7 @@ def _start_batch(
 
 
 def _attack_pass(
-    model: nn.Module, source: nn.Module | None, batch: _Batch, spec: AttackSpec, i: int, k: int, threat: Linf,
+    model: nn.Module, source: nn.Module | None, batch: _Batch, spec: AttackSpec, i: int, k: int, threat: Threat,
     seed_parts: tuple[int, ...], st: dict[str, Tensor], start: int,
 ) -> None:  # fmt: skip
     """Attack ``i`` with top-``k`` success on the batch's pool for ``k`` (after its gate, if any)."""
@@ -289,7 +308,7 @@ def _run_batch(
     xb: Tensor,
     yb: Tensor,
     attacks: list[AttackSpec],
-    threat: Linf,
+    threat: Threat,
     seed: int,
     b: int,
     start: int,
@@ -349,13 +368,15 @@ def evaluate(
     x: Tensor,
     y: Tensor,
     *,
-    threat: Linf,
+    threat: Threat,
     suite: str | list[AttackSpec] = "standard",
     baseline: bool = False,
     **kwargs: Any,
 ) -> ProtocolResult:
     """Robust accuracy of any classifier mapping [0, 1] images to logits under an attack suite.
 
+    ``threat``: :class:`~logitpair.threat.Linf` or :class:`~logitpair.threat.L2` (a suite must
+    support it, :func:`~logitpair.evaluation.suites.suite_norms`: under L2 every suite but ``fast``).
     ``suite`` is a preset name (``quick``, ``standard``, ``fast``, ``thorough``, ``pgd40``; see
     :mod:`logitpair.evaluation.suites`) or a list of :class:`AttackSpec`. With ``baseline=True`` the
     paper-style PGD-40 (2 restarts) runs first, so ``broken_by`` also tells how many points
@@ -365,8 +386,9 @@ def evaluate(
 
         res = logitpair.evaluate(model, x, y, threat=Linf(8 / 255), suite="standard")
         print(res.summary()["robust"])   # {"value": ..., "n": ..., "ci95": [...]}
+        res = logitpair.evaluate(model, x, y, threat=L2(0.5), suite="standard")   # AutoAttack's L2 version
     """
-    attacks = get_suite(suite) if isinstance(suite, str) else list(suite)
+    attacks = get_suite(suite, threat.norm) if isinstance(suite, str) else list(suite)
     if baseline:
         attacks = [pgd_spec(40, 2), *attacks]
     return run_protocol(model, x, y, attacks, threat=threat, **kwargs)

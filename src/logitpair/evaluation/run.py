@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,15 +29,15 @@ from logitpair.environment import parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.blackbox import black_box
 from logitpair.evaluation.cache import flags_text, points_digest, weights_digest
-from logitpair.evaluation.protocol import ProtocolResult, run_protocol
+from logitpair.evaluation.protocol import ProtocolResult, check_norm, run_protocol
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.evaluation.suites import get_suite
 from logitpair.io import write_json, write_text
 from logitpair.metrics import summarize
 from logitpair.models.ensemble import EnsembleLogits
 from logitpair.progress import ProgressFactory, null_progress
-from logitpair.report import markdown_table, pct_ci
-from logitpair.threat import Linf
+from logitpair.report import markdown_table, pct_ci, radius
+from logitpair.threat import NORM_NAMES, Threat, make_threat
 
 
 def check_points_options(n: int | None, eps: float | None, batch_size: int | None = None) -> None:
@@ -50,13 +51,36 @@ def check_points_options(n: int | None, eps: float | None, batch_size: int | Non
         raise ConfigError(f"expected >= 1, got {batch_size}", option="batch_size")
 
 
+def check_threat_options(norm: str, eps: float | None) -> None:
+    """The threat model's options: ``norm`` one of :data:`~logitpair.threat.NORM_NAMES`; an L-inf
+    ``eps`` in [0, 1] or None (the run's training eps); an L2 ``eps`` given (a run's training eps is an
+    L-inf radius, never an L2 default), finite and >= 0. One ConfigError naming the option."""
+    if str(norm).lower() not in NORM_NAMES:
+        raise ConfigError(f"expected one of {', '.join(NORM_NAMES)}, got {norm!r}", option="norm")
+    if str(norm).lower() == "linf":
+        check_points_options(None, eps)
+        return
+    if eps is None:
+        raise ConfigError("the L2 threat model needs an explicit `eps` (a run's training eps is an L-inf radius)")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ConfigError(f"expected a finite L2 radius >= 0, got {eps}", option="eps")
+
+
+def eval_threat(norm: str, eps: float | None, info: RunInfo) -> Threat:
+    """The threat model an evaluation of a run uses: ``eps`` in ``norm``; an L-inf radius defaults
+    to the run's training eps (``info.eps``), an L2 one must be given (:func:`check_threat_options`)."""
+    check_threat_options(norm, eps)
+    return make_threat(norm, info.eps if eps is None else eps)
+
+
 @dataclass(frozen=True)
 class EvalOptions:
     n: int | None = None  # first n test points (None: all)
-    eps: float | None = None  # default: the eps the model was trained for
+    eps: float | None = None  # default: the eps the model was trained for (L-inf; an L2 eps is required)
+    norm: str = "linf"  # the threat model: linf or l2 (logitpair.threat.make_threat)
     steps: int = 40
     restarts: int = 2
-    step_size: float | None = None  # default 2.5 * eps / steps
+    step_size: float | None = None  # default 2.5 * eps / steps (in the norm's units)
     targeted: bool = False
     top5: bool = False
     batch_size: int = 500
@@ -69,7 +93,8 @@ class EvalOptions:
     device: str = "cpu"  # where the model and the attacks run (cpu | cuda | cuda:N); always float32
 
     def __post_init__(self) -> None:
-        check_points_options(self.n, self.eps)
+        check_points_options(self.n, None)
+        check_threat_options(self.norm, self.eps)
         if self.steps < 1:
             raise ConfigError(f"expected >= 1, got {self.steps}", option="steps")
         if self.restarts < 1:
@@ -117,14 +142,16 @@ def load_source(source: str | Path | Sequence[str | Path], device: str | torch.d
     return models[0] if len(models) == 1 else EnsembleLogits(models)
 
 
-def strong_attacks(opts: EvalOptions) -> list[AttackSpec]:
+def strong_attacks(opts: EvalOptions, norm: str | None = None) -> list[AttackSpec]:
+    """The attacks after the PGD baseline: the explicit list, else the suite (the targeted one for
+    ``targeted`` with quick, standard or thorough); with ``norm`` a suite must support that threat model."""
     if opts.attacks:
         return list(opts.attacks)
     if opts.suite is None:
         return []
     if opts.targeted and opts.suite in ("quick", "standard", "thorough"):
-        return get_suite("targeted")
-    return get_suite(opts.suite)
+        return get_suite("targeted", norm)
+    return get_suite(opts.suite, norm)
 
 
 def evaluate_run(
@@ -142,13 +169,15 @@ def evaluate_run(
     evaluation continues), and ``evaluation.json`` / ``evaluation.md`` are written into the run."""
     run_dir = Path(run_dir)
     device = parse_device(opts.device)
-    model, info = load_run(run_dir, device=device, eps=opts.eps)
+    linf = make_threat(opts.norm, 0.0).norm == "Linf"
+    model, info = load_run(run_dir, device=device, eps=opts.eps if linf else None)  # a run's eps is an L-inf one
+    threat = eval_threat(opts.norm, opts.eps, info)
+    check_norm(strong_attacks(opts, threat.norm), threat.norm)  # attacks that do not support it: before any work
     src = load_source(source, device) if source is not None else None  # before any work: a bad source fails fast
     x, y, dataset = test_points(info, opts.n, opts.data_dir)
     state_dir = run_dir / "eval-state" if (write and opts.resume and run_dir.is_dir()) else None
     if state_dir is not None:
         state_dir.mkdir(exist_ok=True)
-    threat = Linf(info.eps)
     t0 = time.perf_counter()
     wb, baseline, white = _white_box(model, x, y, opts, threat, state_dir, progress)
     summary = wb.summary()
@@ -157,7 +186,8 @@ def evaluate_run(
         "dataset": dataset,
         "method": info.method,
         "n": len(y),
-        "eps": info.eps,
+        "eps": threat.eps,
+        "threat": threat.to_dict(),
         "suite": None if opts.attacks else opts.suite,
         "device": str(device),
         "precision": "float32",  # attacks and evaluation never run under autocast
@@ -170,7 +200,7 @@ def evaluate_run(
         out["black_box"] = _black_box(model, src, source_runs(source), x, y, opts, threat, state_dir, progress)
     out["seconds"] = time.perf_counter() - t0
     if opts.save_adversarial:
-        _save_adversarial(Path(opts.save_adversarial), wb, y, info.eps, run_dir, white)
+        _save_adversarial(Path(opts.save_adversarial), wb, y, threat, run_dir, white)
         out["adversarial_file"] = str(opts.save_adversarial)
     if write:
         write_json(run_dir / "evaluation.json", out)
@@ -184,18 +214,18 @@ def per_example(x: Tensor, y: Tensor, wb: ProtocolResult) -> dict[str, str]:
     return {"points": points_digest(x, y), "clean": flags_text(wb.clean_correct), "robust": flags_text(wb.robust)}
 
 
-def _common(opts: EvalOptions, threat: Linf) -> dict[str, Any]:
+def _common(opts: EvalOptions, threat: Threat) -> dict[str, Any]:
     return {"threat": threat, "batch_size": opts.batch_size, "seed": opts.seed, "targeted": opts.targeted,
             "top5": opts.top5}  # fmt: skip
 
 
 def _white_box(
-    model: nn.Module, x: Tensor, y: Tensor, opts: EvalOptions, threat: Linf, state_dir: Path | None,
+    model: nn.Module, x: Tensor, y: Tensor, opts: EvalOptions, threat: Threat, state_dir: Path | None,
     progress: ProgressFactory,
 ) -> tuple[ProtocolResult, AttackSpec, list[AttackSpec]]:  # fmt: skip
     """The PGD baseline then the strong attacks, in order; the result, the baseline and the list."""
     baseline = pgd_spec(opts.steps, opts.restarts, opts.step_size)
-    white = [baseline, *strong_attacks(opts)]
+    white = [baseline, *strong_attacks(opts, threat.norm)]
     wb = run_protocol(
         model, x, y, white, progress=progress, desc="white-box", keep_adversarial=opts.save_adversarial is not None,
         state_path=state_dir / "white-box.safetensors" if state_dir else None, **_common(opts, threat),
@@ -204,7 +234,7 @@ def _white_box(
 
 
 def _black_box(
-    model: nn.Module, src: nn.Module, runs: list[str], x: Tensor, y: Tensor, opts: EvalOptions, threat: Linf,
+    model: nn.Module, src: nn.Module, runs: list[str], x: Tensor, y: Tensor, opts: EvalOptions, threat: Threat,
     state_dir: Path | None, progress: ProgressFactory,
 ) -> dict[str, Any]:  # fmt: skip
     """The baseline PGD crafted on the source per point the target gets right (:func:`black_box`)."""
@@ -221,14 +251,14 @@ def _black_box(
 
 
 def _save_adversarial(
-    path: Path, wb: ProtocolResult, y: Tensor, eps: float, run_dir: Path, white: list[AttackSpec]
+    path: Path, wb: ProtocolResult, y: Tensor, threat: Threat, run_dir: Path, white: list[AttackSpec]
 ) -> None:
     from safetensors.torch import save_file
 
     from logitpair.io import atomic_write
 
     tensors = {"x_adv": wb.adversarial, "y": y, "robust": wb.robust, "broken_by": wb.broken_by}
-    meta = {"eps": str(eps), "run": str(run_dir), "attacks": str([a.label for a in white])}
+    meta = {"eps": str(threat.eps), "norm": threat.norm, "run": str(run_dir), "attacks": str([a.label for a in white])}
     atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=meta))
 
 
@@ -263,7 +293,8 @@ def evaluation_markdown(ev: dict[str, Any]) -> str:
         src = f"the ensemble (mean logits) of {', '.join(bb['ensemble'])}" if bb.get("ensemble") else bb["source"]
         rows.append([f"black-box: PGD transferred from {src}", pct_ci(bb["robust"]), n])
     text = f"# Evaluation of `{ev['run']}`\n\n"
-    text += f"Dataset {ev['dataset']}, method {ev['method']}, L∞ ε = {ev['eps']:g}, first {ev['n']} test points, seed {wb['seed']}"
+    threat = ev.get("threat") or {"norm": "Linf", "eps": ev["eps"]}  # evaluations written before L2 name no threat
+    text += f"Dataset {ev['dataset']}, method {ev['method']}, {radius(threat)}, first {ev['n']} test points, seed {wb['seed']}"
     text += f", suite `{ev['suite']}`" if ev.get("suite") else ""
     text += f"; {ev.get('precision', 'float32')} on {ev.get('device', 'cpu')}.\n\n"
     text += markdown_table(["", "accuracy % [95% CI]", "N"], rows)

@@ -32,6 +32,13 @@
   No FAB-T and no long Square on a healthy model: on the models measured in
   docs/PERFORMANCE.md neither broke a point the others missed.
 
+Under the L2 threat model (:class:`~logitpair.threat.L2`) every suite whose attacks all support
+L2 runs unchanged (:func:`suite_norms`): ``standard`` is then AutoAttack's standard version for
+L2 (APGD-CE, APGD-T, FAB-T, Square with their L2 steps, projections and sampling), and ``quick``,
+``thorough``, ``pgd40`` and ``targeted`` run with their attacks' L2 versions. ``fast`` is L-infinity
+only: its gates' thresholds (remaining margins, yields, masking rates) were measured on
+L-infinity evaluations (docs/PERFORMANCE.md) and say nothing yet about L2.
+
 An explicit list reads ``name[:key=value[;key=value]]`` items separated by commas, e.g.
 ``apgd-ce:steps=50,square:queries=2000;p_init=0.8``.
 """
@@ -40,7 +47,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from logitpair.attacks import ATTACKS, parse_official
+from logitpair.attacks import ATTACKS, attack_info, parse_official
 from logitpair.errors import ConfigError
 from logitpair.evaluation.gates import Gate
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
@@ -101,11 +108,41 @@ SUITES: dict[str, tuple[AttackSpec, ...]] = {
 }
 
 
-def get_suite(name: str) -> list[AttackSpec]:
+GATES_MEASURED_FOR = ("Linf",)
+"""The threat models the gates' thresholds were measured on (a gated attack runs under these only)."""
+
+
+def specs_norms(specs: list[AttackSpec] | tuple[AttackSpec, ...]) -> tuple[str, ...]:
+    """The threat models every attack of ``specs`` supports (their registry entries), and only
+    :data:`GATES_MEASURED_FOR` when one of them is gated."""
+    norms = ("Linf", "L2")
+    for spec in specs:
+        norms = tuple(n for n in norms if n in attack_info(spec.name).norms)
+        if spec.gate is not None:
+            norms = tuple(n for n in norms if n in GATES_MEASURED_FOR)
+    return norms
+
+
+def suite_norms(name: str) -> tuple[str, ...]:
+    """The threat models suite ``name`` runs under (``"Linf"``, ``"L2"``): :func:`specs_norms`."""
+    return specs_norms(get_suite(name))
+
+
+def get_suite(name: str, norm: str | None = None) -> list[AttackSpec]:
+    """The attacks of suite ``name``; with ``norm`` (a threat's :attr:`~logitpair.threat.Threat.norm`,
+    e.g. ``"L2"``) a ConfigError unless the suite runs under that threat model, naming those that do."""
     try:
-        return list(SUITES[name])
+        specs = list(SUITES[name])
     except KeyError:
         raise ConfigError(f"unknown suite {name!r}; valid suites: {', '.join(SUITES)}") from None
+    if norm is not None and norm not in specs_norms(specs):
+        valid = [n for n in SUITES if norm in specs_norms(SUITES[n])]
+        why = " (its gates were measured under Linf only)" if any(a.gate for a in specs) else ""
+        raise ConfigError(
+            f"{name!r} does not support the {norm} threat model{why}; suites for {norm}: {', '.join(valid)}",
+            option="suite",
+        )
+    return specs
 
 
 def _value(text: str) -> Any:

@@ -47,14 +47,14 @@ from logitpair.checkpoint import load_model, run_info
 from logitpair.errors import ConfigError, LogitpairError
 from logitpair.evaluation.blackbox import black_box, craft
 from logitpair.evaluation.cache import EvalCache, Fingerprint, weights_digest
-from logitpair.evaluation.run import check_points_options, test_points
+from logitpair.evaluation.run import check_points_options, check_threat_options, test_points
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.io import atomic_write, write_json, write_text
 from logitpair.metrics import summarize, topk_correct
 from logitpair.models.ensemble import EnsembleLogits
 from logitpair.progress import ProgressFactory, null_progress
-from logitpair.report import markdown_table, pct_ci, plot_heatmaps
-from logitpair.threat import Linf
+from logitpair.report import markdown_table, pct_ci, plot_heatmaps, radius
+from logitpair.threat import Threat, make_threat
 
 FORMAT = "logitpair-transfer-1"
 _Flags = dict[str, dict[str, Tensor]]  # source -> target -> per-example flags
@@ -71,7 +71,7 @@ class TransferResult:
     robust: dict[str, dict[str, Tensor]]  # source -> target -> clean and transferred correct
     relation: dict[str, dict[str, str]]  # "white-box", "member" (target inside an ensemble source) or "transfer"
     attack: AttackSpec
-    threat: Linf
+    threat: Threat
     seed: int
     batch_size: int
     adversarial: dict[str, Tensor] = field(default_factory=dict)  # source -> crafted examples
@@ -115,12 +115,14 @@ def check_attack(spec: AttackSpec) -> None:
         )
 
 
-def craft_fingerprint(source: nn.Module, attack: AttackSpec, threat: Linf, x: Tensor, y: Tensor, seed: int,
+def craft_fingerprint(source: nn.Module, attack: AttackSpec, threat: Threat, x: Tensor, y: Tensor, seed: int,
                       batch_size: int) -> str:  # fmt: skip
     """A digest of everything that determines the examples crafted on ``source``."""
     arch = (getattr(source, "meta", None) or {}).get("model")
     settings = {"attack": attack.name, "params": attack.params, "eps": threat.eps, "bounds": threat.bounds,
                 "seed": seed, "batch_size": batch_size, "arch": arch, "shape": list(x.shape)}  # fmt: skip
+    if threat.norm != "Linf":  # L-inf examples stored before L2 existed keep their fingerprint
+        settings["norm"] = threat.norm
     return Fingerprint(FORMAT).text(weights_digest(source)).json(settings).tensors(x, y).hexdigest()
 
 
@@ -141,7 +143,7 @@ class _Crafting:
     """How every source's examples are crafted: the attack and where they are stored."""
 
     attack: AttackSpec
-    threat: Linf
+    threat: Threat
     seed: int
     batch_size: int
     state: Path | None
@@ -177,7 +179,8 @@ class _Crafting:
                                  batch_size=self.batch_size, state_path=partial, progress=self.progress,
                                  desc=f"craft on {name}")  # fmt: skip
         meta = {"format": FORMAT, "source": name, "attack": json.dumps(self.attack.to_dict()),
-                "eps": repr(self.threat.eps), "seed": str(self.seed), "n": str(len(x))}  # fmt: skip
+                "eps": repr(self.threat.eps), "norm": self.threat.norm, "seed": str(self.seed),
+                "n": str(len(x))}  # fmt: skip
         done.save({"x_adv": x_adv, "y": y, "source_clean": src_clean}, len(x), **meta)
         if partial is not None:
             partial.unlink(missing_ok=True)
@@ -194,7 +197,7 @@ def transfer_matrix(
     y: Tensor,
     *,
     attack: AttackSpec,
-    threat: Linf,
+    threat: Threat,
     seed: int = 0,
     sources: Mapping[str, nn.Module] | None = None,
     batch_size: int = 500,
@@ -264,15 +267,17 @@ def _evaluate_targets(
 @dataclass(frozen=True)
 class TransferOptions:
     n: int | None = None  # first n test points (None: all)
-    eps: float | None = None  # default: the common training eps of the runs
+    eps: float | None = None  # default: the common training eps of the runs (L-inf only; L2 needs it)
     attack: AttackSpec = field(default_factory=lambda: pgd_spec(40, 2))
     seed: int = 0
     batch_size: int = 500
     data_dir: str | None = None
     resume: bool = True  # reuse crafted examples with the same fingerprint
+    norm: str = "linf"  # the threat model: linf or l2 (logitpair.threat.make_threat)
 
     def __post_init__(self) -> None:
-        check_points_options(self.n, self.eps, self.batch_size)
+        check_points_options(self.n, None, self.batch_size)
+        check_threat_options(self.norm, self.eps)
 
 
 def _names(paths: Sequence[str]) -> list[str]:
@@ -281,20 +286,26 @@ def _names(paths: Sequence[str]) -> list[str]:
     return [s if short.count(s) == 1 else str(p) for s, p in zip(short, paths, strict=True)]
 
 
-def _check_common(models: Mapping[str, nn.Module], everything: Mapping[str, nn.Module], eps: float | None) -> float:
-    infos = {name: run_info(m, where=f"run {name}", eps=eps) for name, m in everything.items()}
+def _common_threat(
+    models: Mapping[str, nn.Module], everything: Mapping[str, nn.Module], norm: str, eps: float | None
+) -> Threat:
+    """The study's threat model, after checking that the runs share a dataset: radius ``eps`` in
+    ``norm``; an L-inf radius defaults to the runs' common training eps (an L2 one is always given,
+    :class:`TransferOptions` checks)."""
+    linf = make_threat(norm, 0.0).norm == "Linf"
+    infos = {name: run_info(m, where=f"run {name}", eps=eps if linf else None) for name, m in everything.items()}
     datasets = {name: info.dataset for name, info in infos.items()}
     if len(set(datasets.values())) > 1:
         shown = ", ".join(f"{k}: {v}" for k, v in datasets.items())
         raise ConfigError(f"the runs use different datasets ({shown}); a transfer study needs one test set")
     if eps is not None:
-        return eps
+        return make_threat(norm, eps)
     found = {name: infos[name].eps for name in models}
     values = list(found.values())
     if any(not math.isclose(v, values[0], rel_tol=1e-9, abs_tol=1e-12) for v in values):
         shown = ", ".join(f"{k}: {v:g}" for k, v in found.items())
         raise ConfigError(f"the runs were trained for different eps ({shown}); give the eps explicitly")
-    return values[0]
+    return make_threat(norm, values[0])
 
 
 def _check_runs(paths: list[str], ensembles: Mapping[str, list[str]]) -> list[str]:
@@ -351,7 +362,7 @@ def transfer_runs(
     models = {name: get(p) for name, p in zip(names, paths, strict=True)}
     sources = {name: get.ensemble(members) for name, members in ensembles.items()}
     everything = {**models, **{f"{k} member {p}": get(p) for k, v in ensembles.items() for p in v}}
-    eps = _check_common(models, everything, opts.eps)
+    threat = _common_threat(models, everything, opts.norm, opts.eps)
     check_attack(opts.attack)
     x, y, dataset = test_points(models[names[0]], opts.n, opts.data_dir)
     out = Path(out)
@@ -359,7 +370,7 @@ def transfer_runs(
     t0 = time.perf_counter()
     try:
         res = transfer_matrix(
-            models, x, y, attack=opts.attack, threat=Linf(eps), seed=opts.seed, sources=sources,
+            models, x, y, attack=opts.attack, threat=threat, seed=opts.seed, sources=sources,
             batch_size=opts.batch_size, state_dir=out / "crafted" if write else None, resume=opts.resume,
             progress=progress,
         )  # fmt: skip
@@ -369,7 +380,7 @@ def transfer_runs(
         raise
     doc: dict[str, Any] = {
         "dataset": dataset,
-        "eps": eps,
+        "eps": threat.eps,
         "runs": dict(zip(names, paths, strict=True)),
         "ensembles": ensembles,
         **res.to_dict(),
@@ -398,7 +409,7 @@ def plot_transfer(path: Path, doc: dict[str, Any]) -> None:
         "(b) robust: correct clean and transferred": [[doc["robust"][s][t]["value"] for t in tgt] for s in src],
     }
     outline = [(i, j) for i, s in enumerate(src) for j, t in enumerate(tgt) if doc["relation"][s][t] == "white-box"]
-    title = f"{doc['attack']['label']} crafted on the source, L∞ ε = {doc['threat']['eps']:g}, seed {doc['seed']}"
+    title = f"{doc['attack']['label']} crafted on the source, {radius(doc['threat'])}, seed {doc['seed']}"
     plot_heatmaps(path, panels, src, tgt, xlabel="target", ylabel="source", title=title, outline=outline)
 
 
@@ -416,7 +427,7 @@ def transfer_markdown(doc: dict[str, Any]) -> str:
     attack = f"`{a['name']}` {json.dumps(a['params'])}"
     if not a["label"].startswith(a["name"]):
         attack = f"{a['label']} ({attack})"
-    text += (f"{dataset}L∞ ε = {doc['threat']['eps']:g}, first {n} test points, attack {attack}, seed {doc['seed']}. "
+    text += (f"{dataset}{radius(doc['threat'])}, first {n} test points, attack {attack}, seed {doc['seed']}. "
              "Adversarial examples are crafted once on each source (rows) and shown to every target "
              "(columns); accuracy in % with 95% Wilson intervals, N = " + str(n) + " per entry. "
              "The diagonal is white-box: the source attacking itself.\n\n")  # fmt: skip
