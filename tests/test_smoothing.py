@@ -4,7 +4,9 @@ Gaussian augmentation of ``regular`` (``noise_std``)."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from statistics import NormalDist
 
 import pytest
@@ -183,3 +185,25 @@ def test_seeded_batch_independent_and_resumable(tmp_path):
     resumed = certify_smoothing(crash, x, y, **kw, batch_size=300, seed=7, state_path=state)
     assert _same(ref, resumed)
     assert crash.calls + 10**6 == 3 * 5  # the first two points were not recomputed
+
+
+def test_cli_smoothing(tiny_run, tmp_path, capsys):
+    from logitpair.cli.main import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["certify", str(run), "--method", "smoothing", "--n", "4", "--quiet"]) == 2  # no --sigma
+    assert "--sigma" in capsys.readouterr().err
+    argv = ["certify", str(run), "--method", "smoothing", "--sigma", "0.25", "--n", "4", "--n0", "10",
+            "--n-samples", "60", "--alpha", "0.05", "--radii", "0.1", "0.25", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((run / "certify.json").read_text())
+    c = doc["certify"]
+    assert c["method"] == "smoothing" and c["threat"]["norm"] == "L2" and c["n"] == 4
+    assert c["options"]["n"] == 60 and c["options"]["n0"] == 10 and c["options"]["sigma"] == 0.25
+    assert [r["radius"] for r in c["certified_accuracy"]] == [0.0, 0.1, 0.25]
+    assert len(doc["points"]["prediction"]) == 4 and (run / "certify.png").read_bytes()[:4] == b"\x89PNG"
+    md = (run / "certify.md").read_text()
+    assert "Randomized smoothing" in md and "L2 radius" in md and "certify.png" in md
+    assert main(argv) == 0  # resumed from the state: the same record
+    assert json.loads((run / "certify.json").read_text())["points"] == doc["points"]
