@@ -207,3 +207,32 @@ def test_cli_smoothing(tiny_run, tmp_path, capsys):
     assert "Randomized smoothing" in md and "L2 radius" in md and "certify.png" in md
     assert main(argv) == 0  # resumed from the state: the same record
     assert json.loads((run / "certify.json").read_text())["points"] == doc["points"]
+
+
+def test_regular_noise_std():
+    """``regular`` with noise_std 0 (the default) is plain cross-entropy on the clean inputs, bit
+    for bit and without drawing noise; with noise_std > 0 the loss differs, is deterministic under
+    the per-sample key, and the noise is not clipped (Cohen et al.)."""
+    from logitpair.methods import METHODS
+    from logitpair.methods.context import BatchContext
+
+    loss_fn, cls = METHODS.get("regular"), METHODS.settings("regular")
+    assert cls().noise_std == 0.0
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    ctx = BatchContext(indices=torch.arange(8), noise_key=123)
+    rng = torch.get_rng_state()
+    clean, _ = loss_fn(model, x, y, cls(), ctx)
+    assert torch.equal(clean, nn.functional.cross_entropy(model(x), y))
+    assert torch.equal(rng, torch.get_rng_state())
+    noisy, _ = loss_fn(model, x, y, cls(noise_std=0.5), ctx)
+    assert not torch.equal(noisy, clean)
+    assert torch.equal(noisy, loss_fn(model, x, y, cls(noise_std=0.5), ctx)[0])
+    other = BatchContext(indices=torch.arange(8), noise_key=124)
+    assert not torch.equal(noisy, loss_fn(model, x, y, cls(noise_std=0.5), other)[0])
+    seen = []
+    probe = nn.Sequential(nn.Identity(), model)
+    probe[0].register_forward_hook(lambda m, i, o: seen.append(o))
+    loss_fn(probe, torch.zeros_like(x), y, cls(noise_std=0.5), ctx)
+    assert float(seen[0].min()) < 0  # not clipped to [0, 1]
