@@ -357,6 +357,9 @@ V1_LOSS_KEYS = frozenset({"lam", "eps", "attack_steps", "attack_step_size", "att
 # v1's ls read its delta from ``smoothing`` and ignored ``label_smoothing``; every other method
 # read ``label_smoothing`` and ignored ``smoothing`` (now an old name of ``label_smoothing``).
 V1_RENAMES: dict[str, dict[str, str]] = {"ls": {"smoothing": "label_smoothing"}}
+# settings a method takes now but ignored in v1 (v1's regular trained on clean inputs whatever noise_std
+# said): migrated to their default
+V1_IGNORED: dict[str, frozenset[str]] = {"regular": frozenset({"noise_std"})}
 
 
 def migrate(values: Any, method: Any = None) -> Any:
@@ -369,7 +372,9 @@ def migrate(values: Any, method: Any = None) -> Any:
         method = values.get("method", _default(RunConfig, "method"))
     if not (isinstance(loss, dict) and V1_LOSS_KEYS <= loss.keys() and isinstance(method, str) and method in METHODS):
         return values
-    return {**values, "loss": _v1_loss(loss, METHODS.settings(method), V1_RENAMES.get(method, {}))}
+    settings = METHODS.settings(method)
+    kept = {k: _default(settings, k) if k in V1_IGNORED.get(method, ()) else v for k, v in loss.items()}
+    return {**values, "loss": _v1_loss(kept, settings, V1_RENAMES.get(method, {}))}
 
 
 def _v1_loss(loss: dict[str, Any], settings: type, renames: dict[str, str]) -> dict[str, Any]:

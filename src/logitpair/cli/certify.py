@@ -13,6 +13,8 @@ from logitpair.progress import make_progress
 def run(args: argparse.Namespace) -> int:
     from logitpair.certification import CertifyOptions, certify_markdown, certify_run
 
+    if args.method == "smoothing":  # randomized smoothing: sampling, not bound propagation
+        return run_smoothing(args)
     opts = CertifyOptions(
         method=args.method, eps=args.eps, n=args.n, batch_size=args.batch_size,
         eps_curve=tuple(args.eps_curve) if args.eps_curve else None, device=args.device, data_dir=args.data_dir,
@@ -40,5 +42,48 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--no-resume", action="store_true", help="ignore saved partial results of an earlier run")
     p.add_argument("--quiet", action="store_true")
+    add_smoothing_flags(p)
     p.set_defaults(func=run)
     return p
+
+
+# ---- randomized smoothing (--method smoothing; logitpair.certification.smoothing)
+
+
+def run_smoothing(args: argparse.Namespace) -> int:
+    from logitpair.certification.smoothing import SmoothingOptions, smoothing_markdown, smoothing_run
+    from logitpair.errors import ConfigError
+
+    if args.sigma is None:
+        raise ConfigError("required with --method smoothing", option="sigma")
+    radii = {"radii": tuple(args.radii)} if args.radii else {}
+    opts = SmoothingOptions(
+        sigma=args.sigma, n0=args.n0, n_samples=args.n_samples, alpha=args.alpha, n=args.n,
+        noise_batch=args.noise_batch, device=args.device, data_dir=args.data_dir, resume=not args.no_resume,
+        seed=args.seed, **radii,
+    )  # fmt: skip
+    doc = smoothing_run(args.run, opts, progress=make_progress(quiet(args)), write=True)
+    if not args.quiet:
+        print(smoothing_markdown(doc))
+    return 0
+
+
+def add_smoothing_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "randomized smoothing (--method smoothing: Cohen et al. 2019, certified L2 radius by sampling; "
+        "--n is the number of test points, --seed the noise's seed; --eps, --eps-curve, --batch-size unused)"
+    )
+    g.add_argument("--sigma", type=float, default=None, help="σ of the Gaussian noise (required with smoothing)")
+    g.add_argument("--n0", type=int, default=100, help="selection samples per point (default 100)")
+    g.add_argument(
+        "--n-samples", type=int, default=100_000, metavar="N",
+        help="estimation samples per point (default 100000; not --n, which counts test points)",
+    )  # fmt: skip
+    g.add_argument(
+        "--alpha", type=float, default=0.001, help="failure probability α of each certificate (default 0.001)"
+    )
+    g.add_argument(
+        "--radii", type=float, nargs="+", metavar="R",
+        help="L2 radii of the certified-accuracy table (default 0 0.25 0.5 0.75 1; 0 always added)",
+    )  # fmt: skip
+    g.add_argument("--noise-batch", type=int, default=1000, help="noisy samples per forward pass (default 1000)")

@@ -119,11 +119,13 @@ def cross_entropy(logits: Tensor, y: Tensor, cfg: LossSettings) -> Tensor:
     return torch.nn.functional.cross_entropy(logits, y, reduction=cfg.ce_reduction, label_smoothing=cfg.label_smoothing)
 
 
-def add_noise(x: Tensor, std: float, ctx: BatchContext) -> Tensor:
-    """Gaussian-noise augmentation ``clip(x + std * N(0, I))`` with the context's randomness."""
+def add_noise(x: Tensor, std: float, ctx: BatchContext, *, clip: bool = True) -> Tensor:
+    """Gaussian-noise augmentation ``clip(x + std * N(0, I))`` (unclipped with ``clip=False``)
+    with the context's randomness."""
     if std == 0:
         return x
-    return (x + std * ctx.normal(x, NOISE)).clamp(0.0, 1.0)
+    noisy = x + std * ctx.normal(x, NOISE)
+    return noisy.clamp(0.0, 1.0) if clip else noisy
 
 
 def random_start(x: Tensor, cfg: StartSettings, ctx: BatchContext) -> Tensor | None:
