@@ -1,9 +1,12 @@
 """Exact verification by MILP (MIPVerify, ``logitpair.bounds.milp`` / ``.exact``): the minimum margin
 equals an exhaustive LP over the linear regions of tiny networks, the network's own values are a
 feasible solution, verdicts agree with the exact minimum, counterexamples are real, a time limit
-is a timeout."""
+is a timeout; ``certify(method="milp")`` and ``logitpair certify --method milp`` on LeNet-5."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,8 +14,13 @@ import torch
 from _exact import exact_min_margins
 from torch import nn
 
+import logitpair
 from logitpair.bounds import milp
 from logitpair.bounds.exact import minimum_margin, prepare, verify_point
+from logitpair.certification import DECIDERS, MILP_STATUSES, sandwich
+from logitpair.cli import main
+from logitpair.errors import ConfigError
+from logitpair.evaluation import evaluate
 from logitpair.models import create_model
 from logitpair.threat import Linf
 
@@ -130,3 +138,83 @@ def test_a_tiny_time_limit_is_a_timeout():
     out = verify_point(milp.network(model, x), x, y, threat=Linf(0.5), time_limit=0.3, skip_proven=False)
     assert out.status == "timeout" and out.counterexample is None
     assert out.seconds < 5
+
+
+def _boundary_points(model: nn.Module, x: torch.Tensor, eps: float, distances: tuple[float, ...]):
+    """Points at L∞ distance ``d · eps`` before the decision boundary on the segment from one
+    held-out image to the next (bisection), labelled as predicted (all correct): close ones are
+    broken at ``eps``, far ones robust."""
+    points, labels = [], []
+    with torch.no_grad():
+        for k, d in enumerate(distances):
+            a, b = x[2 * k], x[2 * k + 1]
+            label = int(model(a[None]).argmax(1))
+            lo, hi = 0.0, 1.0
+            for _ in range(30):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if int(model((a + mid * (b - a))[None]).argmax(1)) == label else (lo, mid)
+            t = lo - d * eps / float((b - a).abs().max())
+            points.append(a + t * (b - a))
+            labels.append(label)
+    return torch.stack(points), torch.tensor(labels)
+
+
+def test_trained_lenet5(lenet5_points):
+    """LeNet-5 (28×28), ε 0.003, points at 0.5, 2, 16 and 32 ε before the decision boundary: some
+    broken, some verified (by α-CROWN or the solver); no verified point is broken by the
+    ``standard`` suite; every counterexample is real; the points the attacks broke come out
+    ``counterexample`` from the solver alone (``cheap=False``)."""
+    model, x, _ = lenet5_points
+    threat = Linf(0.003)
+    xs, ys = _boundary_points(model, x, threat.eps, (0.5, 2, 16, 32))
+    res = logitpair.certify(model, xs, ys, threat=threat, method="milp", options={"time_limit": 30})
+    assert {"verified", "counterexample"} <= set(res.status), res.status
+    by = [DECIDERS[int(d)] for d in res.decided_by]
+    assert ("verified", "milp") in zip(res.status, by), "the solver must verify a point the bounds cannot"
+    assert torch.equal(res.certified, torch.tensor([s == "verified" for s in res.status]))
+    for i, s in enumerate(res.status):
+        if s == "counterexample":
+            assert _is_real(model, xs[i : i + 1], int(ys[i]), res.adversarial[i], threat)
+    standard = evaluate(model, xs, ys, threat=threat, suite="standard", batch_size=len(xs))
+    sandwich(
+        res.certified, standard.clean_correct, standard.robust, attack="standard"
+    )  # raises on a broken verified point
+    summary = res.summary()
+    assert sum(summary["counts"].values()) == len(xs) and set(summary["counts"]) == set(MILP_STATUSES)
+    assert set(summary["decided_by"]) == set(DECIDERS)
+
+    broken = torch.tensor([d == "attack" for d in by])
+    assert broken.any()
+    forced = logitpair.certify(model, xs[broken], ys[broken], threat=threat, method="milp",
+                               options={"time_limit": 30, "cheap": False})  # fmt: skip
+    assert forced.status == ["counterexample"] * int(broken.sum()), forced.status
+    assert all(DECIDERS[int(d)] == "milp" for d in forced.decided_by)
+    for i in range(len(forced.status)):
+        assert _is_real(model, xs[broken][i : i + 1], int(ys[broken][i]), forced.adversarial[i], threat)
+    assert forced.summary()["milp_seconds"]["n"] == int(broken.sum())
+
+
+def test_milp_options_are_checked(lenet5_points):
+    model, x, y = lenet5_points
+    for options, option in (({"bogus": 1}, "bogus"), ({"time_limit": 0}, "time_limit"),
+                            ({"formulation": "or"}, "formulation")):  # fmt: skip
+        with pytest.raises(ConfigError, match=option):
+            logitpair.certify(model, x[:1], y[:1], threat=Linf(0.01), method="milp", options=options)
+
+
+def test_cli(tiny_run, tmp_path, capsys):
+    """``logitpair certify RUN --method milp``: the report counts every state and who decided it."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["certify", str(run), "--method", "milp", "--time-limit", "0"]) == 2
+    assert "--time-limit" in capsys.readouterr().err
+    args = ["--n", "4", "--batch-size", "4", "--eps-curve", "0.1", "--time-limit", "3", "--quiet"]
+    assert main(["certify", str(run), "--method", "milp", *args]) == 0
+    doc = json.loads((run / "certify.json").read_text())
+    c = doc["certify"]
+    assert doc["settings"]["method"] == "milp" and doc["settings"]["time_limit"] == 3
+    assert set(c["counts"]) == set(MILP_STATUSES) and sum(c["counts"].values()) == 4
+    assert sum(c["decided_by"].values()) == 4 and len(doc["points"]["decided_by"]) == 4
+    assert set(doc["points"]["status"]) <= set(MILP_STATUSES)
+    md = (run / "certify.md").read_text()
+    assert "verified" in md and "Decided by" in md and "not broken" in md
