@@ -127,17 +127,20 @@ def test_the_networks_own_values_are_a_feasible_solution(short, monkeypatch):
 
 
 def test_a_tiny_time_limit_is_a_timeout():
-    """A random MLP on most of the cube (128 unstable ReLUs) is no quick MILP: 0.3 s ends in
-    ``timeout``, never a verdict."""
+    """A random 8-48-48-48-10 MLP at ε 0.2: no bound, LP relaxation or walk over linear regions
+    settles the point and HiGHS's branch and bound runs past 40 s (measured). A limit of 1 s ends in
+    ``timeout`` from HiGHS's own limit, 1 ms before any program; never a verdict."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(8, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 10)
     ).eval()  # fmt: skip
-    x = torch.rand(1, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(1, 8, generator=torch.Generator().manual_seed(1))
     y = int(model(x).argmax(1))
-    out = verify_point(milp.network(model, x), x, y, threat=Linf(0.5), time_limit=0.3, skip_proven=False)
-    assert out.status == "timeout" and out.counterexample is None
-    assert out.seconds < 5
+    net = milp.network(model, x)
+    for limit, detail in ((1.0, "HiGHS: Time limit reached"), (1e-3, "the time limit")):
+        out = verify_point(net, x, y, threat=Linf(0.2), time_limit=limit)
+        assert out.status == "timeout" and out.counterexample is None, out
+        assert out.detail.startswith(detail) and out.seconds < limit + 2
 
 
 def _boundary_points(model: nn.Module, x: torch.Tensor, eps: float, distances: tuple[float, ...]):
