@@ -7,8 +7,13 @@ Methods: ``ibp``, ``crown-ibp``, ``crown``, ``alpha-crown``. The model is read a
 layers (``graph.py``: traced with ``torch.fx``, checked against its output; ``dag.py``: the nodes
 in topological order, each with the nodes it reads), each a small op (``ops.py``): a chain, or
 with residual additions ``a + b`` (``preact-resnet18``), an ``Add`` node whose backward pull-back
-gives its coefficients to both terms. The computations are in ``propagate.py``. This package
-imports only the foundations (``threat``, ``errors``) and torch.
+gives its coefficients to both terms. The computations are in ``propagate.py``.
+
+Exact verification by mixed-integer programming (MIPVerify, Tjeng et al. 2019,
+https://arxiv.org/abs/1711.07356): ``milp.py`` encodes the network over the ball with big-M
+constants from these bounds, ``exact.py`` decides a point with HiGHS (``verify_point``; SciPy, the
+optional dependency ``logitpair[certify]``, imported when used). This package imports only the
+foundations (``threat``, ``errors``), torch and, for the MILP, SciPy.
 
 Example::
 

@@ -9,6 +9,11 @@ looser than IBP's interval, so certifying with CROWN must never certify less tha
 cannot tell). Certified accuracy is a lower bound on the accuracy under *any* attack, so it sits
 below every attacked accuracy on the same points (the "sandwich", :mod:`.sandwich`).
 
+``method="milp"`` decides every point exactly (MIPVerify, Tjeng et al. 2019,
+https://arxiv.org/abs/1711.07356; :mod:`.exact`): ``verified``, ``counterexample`` (a real one,
+checked by a forward pass), ``timeout`` (never counted robust) or ``wrong_clean``, trying the
+clean prediction, the ``fast`` attacks and α-CROWN before the solver.
+
 The per-point record is kept in the evaluation cache (:mod:`logitpair.evaluation.cache`), keyed
 by the model's weights, the points, the threat, the method and its options, the batch size and
 the device:
@@ -22,7 +27,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,71 +36,23 @@ from torch import Tensor, nn
 
 from logitpair import bounds
 from logitpair.attacks.common import model_device, predict
-from logitpair.bounds import METHODS
+from logitpair.certification.exact import certify_milp
+from logitpair.certification.result import STATUSES, CertifyResult, certify_fingerprint
 from logitpair.errors import ConfigError
-from logitpair.evaluation.cache import EvalCache, Fingerprint, run_batches, weights_digest
-from logitpair.metrics import summarize
+from logitpair.evaluation.cache import EvalCache, run_batches
 from logitpair.modes import eval_mode
 from logitpair.progress import ProgressFactory, null_progress
 from logitpair.threat import Linf
 
-STATUSES = ("not_certified", "certified", "wrong_clean")
+METHODS = (*bounds.METHODS, "milp")
+__all__ = ["METHODS", "STATUSES", "CertifyResult", "certify", "check_method"]
 
 
 def check_method(method: str, option: str = "method") -> str:
-    """``method`` if it is a bound method :func:`certify` takes, else a ConfigError naming ``option``."""
+    """``method`` if :func:`certify` takes it (a bound method or ``milp``), else a ConfigError naming ``option``."""
     if method not in METHODS:
         raise ConfigError(f"expected one of {', '.join(METHODS)}, got {method!r}", option=option)
     return method
-
-
-@dataclass
-class CertifyResult:
-    """Per-point outcome of :func:`certify` (CPU tensors of length N).
-
-    ``margin``: the lowest certified margin bound ``min_j (f_y - f_j)`` over the ball (NaN for a
-    point wrong clean: no bound is computed for it); ``seconds``: each point's share of its
-    batch's time (clean prediction and bounds).
-    """
-
-    clean_correct: Tensor  # bool
-    certified: Tensor  # bool: correct clean and every margin bound > 0
-    margin: Tensor  # float64
-    seconds: Tensor  # float64
-    threat: Linf
-    method: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        return len(self.certified)
-
-    @property
-    def status(self) -> list[str]:
-        """``certified`` / ``not_certified`` / ``wrong_clean`` per point."""
-        codes = torch.where(
-            self.clean_correct, self.certified.long(), torch.full_like(self.certified, 2, dtype=torch.long)
-        )
-        return [STATUSES[int(c)] for c in codes]
-
-    def summary(self) -> dict[str, Any]:
-        status = self.status
-        return {
-            "n": self.n,
-            "threat": self.threat.to_dict(),
-            "method": self.method,
-            "options": dict(self.options),
-            "clean": summarize(self.clean_correct),
-            "certified": summarize(self.certified),
-            "counts": {s: status.count(s) for s in STATUSES},
-            "seconds_per_point": float(self.seconds.sum()) / self.n if self.n else float("nan"),
-        }
-
-
-def _fingerprint(model: nn.Module, x: Tensor, y: Tensor, threat: Linf, method: str, settings: Mapping[str, Any]) -> str:
-    fp = Fingerprint("certify").text(weights_digest(model))
-    fp.json({"eps": threat.eps, "bounds": threat.bounds, "method": method, "ibp_floor": True, **settings})
-    return fp.tensors(x, y).hexdigest()
 
 
 def _fresh(n: int) -> dict[str, Tensor]:
@@ -142,9 +98,12 @@ def certify(
 ) -> CertifyResult:
     """Certify ``model`` (logits of [0, 1] images ``x``, N×…; labels ``y``) against ``threat`` with
     the bound ``method`` (``ibp``, ``crown-ibp``, ``crown``, ``alpha-crown``; ``options`` go to
-    :func:`logitpair.bounds.margin_bounds`), ``batch_size`` points at a time. With ``state_path``
-    the per-point record is saved after every batch and a rerun with the same settings continues
-    where the last one stopped. The model is used as it is (call ``.eval()`` first)."""
+    :func:`logitpair.bounds.margin_bounds`), ``batch_size`` points at a time, or decide every point
+    exactly with ``method="milp"`` (:func:`~logitpair.certification.exact.certify_milp`, options
+    ``time_limit`` (60 s per point), ``formulation``, ``cheap``, ``suite``, ``seed``, ``iterations``).
+    With ``state_path`` the per-point record is saved after every batch (the MILP's after every
+    point) and a rerun with the same settings continues where the last one stopped. The model is
+    used as it is (call ``.eval()`` first)."""
     check_method(method)
     if batch_size < 1:
         raise ConfigError(f"expected >= 1, got {batch_size}", option="batch_size")
@@ -152,7 +111,12 @@ def certify(
         raise ConfigError(f"{len(x)} points but {len(y)} labels")
     opts = dict(options or {})
     device = model_device(model)
-    fp = _fingerprint(model, x, y, threat, method, {"options": opts, "batch_size": batch_size, "device": str(device)})
+    if method == "milp":
+        return certify_milp(model, x, y, threat=threat, options=opts, batch_size=batch_size, state_path=state_path,
+                            progress=progress, desc=desc)  # fmt: skip
+    fp = certify_fingerprint(
+        model, x, y, threat, method, {"options": opts, "batch_size": batch_size, "device": str(device)}
+    )
     cache = EvalCache(Path(state_path) if state_path is not None else None, fp)
 
     def step(b: int, start: int, stop: int, st: dict[str, Tensor]) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from logitpair.certification.certify import CertifyResult, certify, check_method
+from logitpair.certification.result import DECIDERS, nan_to_none
 from logitpair.certification.sandwich import sandwich
 from logitpair.checkpoint import load_run
 from logitpair.environment import environment, parse_device
@@ -41,7 +41,7 @@ CURVE_SUITE = "fast"
 
 @dataclass(frozen=True)
 class CertifyOptions:
-    method: str = "crown"  # ibp | crown-ibp | crown | alpha-crown
+    method: str = "crown"  # ibp | crown-ibp | crown | alpha-crown | milp
     eps: float | None = None  # default: the eps the model was trained for
     n: int | None = None  # first n test points (None: all)
     batch_size: int = 100
@@ -49,10 +49,13 @@ class CertifyOptions:
     device: str = "cpu"
     data_dir: str | None = None
     resume: bool = True  # keep and reuse the per-batch state in RUN/certify-state/
-    seed: int = 0  # the curve's attacks
+    seed: int = 0  # the curve's attacks (and milp's)
+    time_limit: float = 60.0  # milp: seconds per point the solver decides
 
     def __post_init__(self) -> None:
         check_method(self.method)
+        if not self.time_limit > 0:
+            raise ConfigError(f"expected > 0 seconds, got {self.time_limit}", option="time_limit")
         check_points_options(self.n, self.eps, self.batch_size)
         if any(not 0 <= e <= 1 for e in self.eps_curve or ()):
             raise ConfigError(f"expected values 0 <= eps <= 1, got {list(self.eps_curve or ())}", option="eps_curve")
@@ -81,8 +84,10 @@ class _Points:
 
     def certify(self, eps: float) -> CertifyResult:
         o = self.opts
+        options = {"time_limit": o.time_limit, "seed": o.seed} if o.method == "milp" else None
         return certify(self.model, self.x, self.y, threat=Linf(eps), method=o.method, batch_size=o.batch_size,
-                       state_path=self.state(o.method, eps), progress=self.progress, desc=f"certify eps={eps:g}")  # fmt: skip
+                       options=options, state_path=self.state(o.method, eps), progress=self.progress,
+                       desc=f"certify eps={eps:g}")  # fmt: skip
 
     def attacked(self, eps: float) -> Tensor:
         """Per point: correct clean and under every attack of the curve's suite at ``eps``."""
@@ -160,8 +165,10 @@ def certify_run(
     ev_sw = _evaluation_sandwich(run_dir, evaluation, x, y, info.eps, main)
     if ev_sw is not None:
         doc["sandwich"].append(ev_sw)
-    doc["points"] = {"digest": points_digest(x, y), "status": main.status,
-                     "margin": [None if math.isnan(m) else m for m in main.margin.tolist()]}  # fmt: skip
+    doc["points"] = {"digest": points_digest(x, y), "status": main.status, "margin": nan_to_none(main.margin)}
+    if main.decided_by is not None and main.milp_seconds is not None:
+        doc["points"]["decided_by"] = [DECIDERS[int(d)] for d in main.decided_by]
+        doc["points"]["milp_seconds"] = nan_to_none(main.milp_seconds)
     doc["seconds"] = time.perf_counter() - t0
     if write:
         _write(run_dir, doc)
@@ -207,6 +214,20 @@ def sandwich_markdown(sandwiches: list[dict[str, Any]], method: str) -> str:
     return text
 
 
+def _milp_counts(c: dict[str, Any]) -> str:
+    """The exact verification's states, who decided them and the solver's seconds per point."""
+    k, by, sec = c["counts"], c["decided_by"], c["milp_seconds"]
+    text = (f"\nPoints: {k['verified']} verified, {k['counterexample']} with a counterexample, "
+            f"{k['timeout']} timed out (not counted robust), {k['wrong_clean']} wrong clean. Decided by: the clean "
+            f"prediction {by['clean']}, an attack {by['attack']}, α-CROWN {by['alpha-crown']}, "
+            f"the MILP solver {by['milp']}")  # fmt: skip
+    if sec["n"]:
+        text += (
+            f" ({sec['median']:.3g} s median, {sec['max']:.3g} s max per point, {c['options']['time_limit']:g} s limit)"
+        )
+    return text + ".\n"
+
+
 def certify_markdown(doc: dict[str, Any]) -> str:
     s, c = doc["settings"], doc["certify"]
     text = f"# Certification of `{doc['run']}`\n\n"
@@ -218,9 +239,12 @@ def certify_markdown(doc: dict[str, Any]) -> str:
         ["clean", pct_ci(c["clean"]), str(c["n"])],
         [f"certified ({s['method']})", pct_ci(c["certified"]), str(c["n"])],
     ]
+    if "not_broken" in c:
+        rows.append(["not broken (upper bound on robust accuracy)", pct_ci(c["not_broken"]), str(c["n"])])
     text += markdown_table(["", "accuracy % [95% CI]", "N"], rows)
-    text += (f"\nPoints: {counts['certified']} certified, {counts['not_certified']} not certified, "
-             f"{counts['wrong_clean']} wrong clean (never certified).\n")  # fmt: skip
+    text += _milp_counts(c) if "decided_by" in c else (
+        f"\nPoints: {counts['certified']} certified, {counts['not_certified']} not certified, "
+        f"{counts['wrong_clean']} wrong clean (never certified).\n")  # fmt: skip
     if doc["sandwich"]:
         text += f"\n## The sandwich at ε = {s['eps']:g}\n\n" + sandwich_markdown(doc["sandwich"], s["method"])
     if doc["curve"]:

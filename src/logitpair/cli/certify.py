@@ -1,4 +1,5 @@
-"""``logitpair certify``: certified accuracy of a run, its curve against ε and the sandwich."""
+"""``logitpair certify``: certified accuracy of a run (bound propagation, or exact verification with
+``--method milp``), its curve against ε and the sandwich."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     opts = CertifyOptions(
         method=args.method, eps=args.eps, n=args.n, batch_size=args.batch_size,
         eps_curve=tuple(args.eps_curve) if args.eps_curve else None, device=args.device, data_dir=args.data_dir,
-        resume=not args.no_resume, seed=args.seed,
+        resume=not args.no_resume, seed=args.seed, time_limit=args.time_limit,
     )  # fmt: skip
     doc = certify_run(args.run, opts, progress=make_progress(quiet(args)), write=True)
     if not args.quiet:
@@ -29,13 +30,20 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("certify", help="certified accuracy of a run (bound propagation) against attacks")
     p.add_argument("run", help="run directory or checkpoint")
-    p.add_argument("--method", default="crown", help=f"bound method: {', '.join(METHODS)} (default crown)")
+    p.add_argument(
+        "--method", default="crown",
+        help=f"{', '.join(METHODS)} (default crown): a bound method, or milp: exact verification per point",
+    )  # fmt: skip
     p.add_argument("--eps", type=fraction, default=None, help="L-inf radius (default: the training eps)")
     p.add_argument("--n", type=int, default=None, help="first N test points (default: all)")
     p.add_argument("--batch-size", type=int, default=100, help="points per batch (default 100)")
     p.add_argument(
         "--eps-curve", type=fraction, nargs="+", metavar="E",
         help="radii of the certified-vs-attacked curve (fast suite); default 0, eps/2, eps (eps always added)",
+    )  # fmt: skip
+    p.add_argument(
+        "--time-limit", type=float, default=60.0, metavar="S",
+        help="milp: seconds per point the solver decides (bounds and encoding included; default 60)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the curve's attacks")
     p.add_argument("--data-dir", help="override the dataset folder")
