@@ -32,7 +32,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or checkpoint")
     p.add_argument(
         "--method", default="crown",
-        help=f"{', '.join(METHODS)} (default crown): a bound method, or milp: exact verification per point",
+        help=f"{', '.join(METHODS)} (default crown): a bound method; milp: exact verification per point; "
+        "smoothing: randomized smoothing (an L2 radius, --sigma)",
     )  # fmt: skip
     p.add_argument("--eps", type=fraction, default=None, help="L-inf radius (default: the training eps)")
     p.add_argument("--n", type=int, default=None, help="first N test points (default: all)")
