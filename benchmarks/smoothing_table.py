@@ -72,6 +72,22 @@ def _tasks(args: argparse.Namespace) -> dict[tuple[str, str, float], dict[str, A
     return tasks
 
 
+def _indexed(item: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    return item[0], _task(item[1])
+
+
+def _finished(args: argparse.Namespace) -> dict[str, Any]:
+    """The per-task results of ``--out`` when it was written with the same settings, else nothing."""
+    import json
+
+    path = Path(args.out)
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    same = old.get("settings") == {k: v for k, v in vars(args).items() if k != "out"}
+    return old.get("runs", {}) if same else {}
+
+
 def _pct(s: dict[str, Any]) -> str:
     return f"{100 * s['value']:.0f}"
 
@@ -112,21 +128,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     tasks = _tasks(args)
-    with mp.get_context("fork").Pool(args.jobs) as pool:
-        done = dict(zip(tasks, pool.map(_task, list(tasks.values()), chunksize=1), strict=True))
-    runs: dict[str, Any] = {}
-    for (spec, kind, value), res in done.items():
-        runs.setdefault(spec, {"smoothing": {}, "attack": {}})[kind][f"{value:g}"] = res
+    runs = _finished(args)  # resume: the tasks an earlier call with the same settings finished
+    todo = {key: task for key, task in tasks.items() if f"{key[2]:g}" not in runs.get(key[0], {}).get(key[1], {})}
     result = {
         "what": "randomized smoothing (certified, smoothed classifier) vs L2 attacks (base classifier), issue 22",
         "command": "python benchmarks/smoothing_table.py " + " ".join(argv or sys.argv[1:]),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "runs": runs,
-        "seconds": time.perf_counter() - t0,
+        "complete": not todo,
     }
+    with mp.get_context("fork").Pool(args.jobs) as pool:
+        keys = list(todo)
+        for i, res in pool.imap_unordered(_indexed, list(enumerate(todo.values())), chunksize=1):
+            spec, kind, value = keys[i]
+            runs.setdefault(spec, {"smoothing": {}, "attack": {}})[kind][f"{value:g}"] = res
+            result["seconds"] = result.get("seconds", 0.0) + res["seconds"] / args.jobs
+            write_result(args.out, result)  # after every task: an interrupted call resumes from here
+    result["complete"] = True
+    result["wall_seconds_this_call"] = time.perf_counter() - t0
     write_result(args.out, result)
     print(markdown(result))
-    print(f"{result['seconds']:.0f} s")
+    print(f"{result['wall_seconds_this_call']:.0f} s this call")
     return result
 
 
