@@ -44,7 +44,7 @@ class Op(ABC):
 
     @abstractmethod
     def forward(self, z: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The op on a batch ``z`` (the traced layer's output), used to check the traced graph."""
 
 
 class Affine(Op):
@@ -52,11 +52,11 @@ class Affine(Op):
 
     @abstractmethod
     def linear_abs(self, r: Tensor) -> Tensor:
-        raise NotImplementedError
+        """``|L| r``: the linear part with absolute weights applied to a radius ``r``."""
 
     @abstractmethod
     def back(self, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        raise NotImplementedError
+        """``(A L, A b, |A| |b|)``: the coefficients pulled back through the op, its bias term and magnitude."""
 
     def ibp(self, lower: Tensor, upper: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
         """Centre and radius: ``L(mid) + b ± |L|(rad)``, the radius widened by ``rtol`` times the

@@ -114,11 +114,11 @@ class Protocol(ABC):
 
     @abstractmethod
     def evaluate(self, runs: SeedRuns) -> ProtocolOutcome:
-        raise NotImplementedError
+        """Evaluate the trained runs of every seed under this protocol."""
 
+    @abstractmethod
     def attack_lines(self, res: dict[str, Any]) -> list[str]:
         """The report's lines on the attacks beyond the paper's (``res``: ``results.json``)."""
-        raise NotImplementedError
 
     def tables(self, res: dict[str, Any]) -> str:
         """The report's tables of every metric of seed 0."""

@@ -111,7 +111,7 @@ class Scale(ABC):
 
     @abstractmethod
     def evaluation(self, preset: Preset, dataset: str, n: int | None, seeds: int) -> ScaleEval:
-        raise NotImplementedError
+        """How the preset's models are evaluated at this scale (points, attacks, seeds)."""
 
     def own_settings(self, row: Row) -> Mapping[str, Any]:
         """The row's own config overrides at this scale (its ``loss`` keys are its method's)."""
