@@ -18,13 +18,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from _results import write_result
+from _tables import run_table
 
 
 def _points(run: str, n: int, data_dir: str | None) -> tuple[Any, Any, Any]:
@@ -72,22 +70,6 @@ def _tasks(args: argparse.Namespace) -> dict[tuple[str, str, float], dict[str, A
     return tasks
 
 
-def _indexed(item: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
-    return item[0], _task(item[1])
-
-
-def _finished(args: argparse.Namespace) -> dict[str, Any]:
-    """The per-task results of ``--out`` when it was written with the same settings, else nothing."""
-    import json
-
-    path = Path(args.out)
-    if not path.is_file():
-        return {}
-    old = json.loads(path.read_text())
-    same = old.get("settings") == {k: v for k, v in vars(args).items() if k != "out"}
-    return old.get("runs", {}) if same else {}
-
-
 def _pct(s: dict[str, Any]) -> str:
     return f"{100 * s['value']:.0f}"
 
@@ -126,27 +108,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    tasks = _tasks(args)
-    runs = _finished(args)  # resume: the tasks an earlier call with the same settings finished
-    todo = {key: task for key, task in tasks.items() if f"{key[2]:g}" not in runs.get(key[0], {}).get(key[1], {})}
-    result = {
-        "what": "randomized smoothing (certified, smoothed classifier) vs L2 attacks (base classifier), issue 22",
-        "command": "python benchmarks/smoothing_table.py " + " ".join(argv or sys.argv[1:]),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "runs": runs,
-        "complete": not todo,
-    }
-    with mp.get_context("fork").Pool(args.jobs) as pool:
-        keys = list(todo)
-        for i, res in pool.imap_unordered(_indexed, list(enumerate(todo.values())), chunksize=1):
-            spec, kind, value = keys[i]
-            runs.setdefault(spec, {"smoothing": {}, "attack": {}})[kind][f"{value:g}"] = res
-            result["seconds"] = result.get("seconds", 0.0) + res["seconds"] / args.jobs
-            write_result(args.out, result)  # after every task: an interrupted call resumes from here
-    result["complete"] = True
-    result["wall_seconds_this_call"] = time.perf_counter() - t0
-    write_result(args.out, result)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    result = run_table(what="randomized smoothing (certified, smoothed classifier) vs L2 attacks (base classifier), issue 22",
+                       script="smoothing_table.py", argv=argv, settings=settings, kinds=("smoothing", "attack"),
+                       tasks=_tasks(args), fn=_task, out=args.out, jobs=args.jobs)  # fmt: skip
     print(markdown(result))
     print(f"{result['wall_seconds_this_call']:.0f} s this call")
     return result

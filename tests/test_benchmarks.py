@@ -194,3 +194,37 @@ def test_fast_design_measurements_run(tmp_path, data_dir):
     assert plain["clean_correct"] == sat["clean_correct"]
     assert 0 <= sat["stage1"]["remaining_at_least_0.9"] <= sat["stage1"]["left"] <= sat["clean_correct"]
     assert "| model |" in proc.stdout
+
+
+def _table(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, f"benchmarks/{script}", *args]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_the_resumable_tables_add_up_and_resume(tmp_path, data_dir):
+    """milp_table.py and smoothing_table.py at a tiny size: every point is counted once, and a
+    rerun with the same settings runs no task again (the file is rewritten with the same runs)."""
+    run = str(_tiny_run(tmp_path / "run", data_dir))
+    out = tmp_path / "milp.json"
+    _table("milp_table.py", [run, "--eps", "0.002", "--n", "6", "--time-limit", "20", "--out", str(out)])
+    first = json.loads(out.read_text())
+    r = first["runs"][run]["milp"]["0.002"]
+    assert first["complete"] and r["n"] == 6
+    decided = r["broken_by_attack"] + r["alpha_crown"] + sum(r["milp"].values())
+    assert decided == r["clean"] <= 6 and r["milp_points"] == sum(r["milp"].values())
+    assert r["summary"]["certified"]["value"] * 6 == r["alpha_crown"] + r["milp"]["verified"]
+    proc = _table("milp_table.py", [run, "--eps", "0.002", "--n", "6", "--time-limit", "20", "--out", str(out)])
+    again = json.loads(out.read_text())
+    assert again["runs"] == first["runs"] and again["wall_seconds_this_call"] < r["seconds"] + 5
+    assert "| `run` |" in proc.stdout
+    out = tmp_path / "smoothing.json"
+    args = [f"{run}@0.25", "--n", "4", "--n0", "20", "--n-samples", "200", "--radii", "0.1", "--suite", "quick",
+            "--batch", "100", "--out", str(out)]  # fmt: skip
+    _table("smoothing_table.py", args)
+    e = json.loads(out.read_text())["runs"][f"{run}@0.25"]
+    assert set(e["smoothing"]) == {"0.25"} and set(e["attack"]) == {"0.1"}
+    cert = e["smoothing"]["0.25"]["certified_accuracy"][0]["value"]
+    assert 0 <= cert <= e["smoothing"]["0.25"]["smoothed_accuracy"]["value"] <= 1
+    assert e["attack"]["0.1"]["robust"]["value"] <= e["attack"]["0.1"]["clean"]["value"]

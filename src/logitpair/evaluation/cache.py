@@ -113,11 +113,13 @@ class EvalCache:
             return None
 
     def save(self, tensors: Mapping[str, Tensor], done: int, **meta: str) -> None:
-        """Write ``tensors`` (CPU) with ``done`` points finished, atomically; no-op without a path."""
+        """Write ``tensors`` (CPU) with ``done`` points finished, atomically (the folder created);
+        no-op without a path."""
         if self.path is None:
             return
         metadata = {"fingerprint": self.fingerprint, "done": str(done), **meta}
         data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, lambda p: save_file(data, str(p), metadata=metadata))
 
     def clear(self) -> None:
