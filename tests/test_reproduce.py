@@ -177,7 +177,8 @@ def test_presets_record_the_papers_numbers_and_settings():
         p = PRESETS.get(name)
         assert p.settings and all(src for _, src in p.settings)
         assert any(src.startswith("ours") for _, src in p.settings), f"{name}: label what is ours"
-        assert p.table_rows and all(r.paper for r in p.table_rows)
+        missing = [r.name for r in p.table_rows if not r.paper]  # the paper's tables give no VAT figure
+        assert p.table_rows and missing == (["vat"] if name == "alp-vs-vat" else []), name
     # the paper's attack in the official notation at the preset's eps, scaled elsewhere
     assert t3.attack.spec(16 / 255).params == {"spec": "pgdrnd_16_2_10"}
     assert t3.attack.spec(16 / 255, steps=1).params == {"spec": "pgdrnd_16_2_1"}
