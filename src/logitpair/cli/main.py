@@ -8,11 +8,11 @@ import re
 import sys
 
 from logitpair._version import __version__
-from logitpair.cli import audit, certify, demo, evaluate, listing, reproduce, train, transfer
+from logitpair.cli import audit, certify, claims, demo, evaluate, listing, reproduce, train, transfer
 from logitpair.errors import ConfigError, LogitpairError
 from logitpair.training.distributed import env_world
 
-SUBCOMMANDS = (train, evaluate, certify, audit, demo, listing, transfer, reproduce)
+SUBCOMMANDS = (train, evaluate, certify, audit, demo, listing, transfer, reproduce, claims)
 
 
 def build_parser() -> argparse.ArgumentParser:
