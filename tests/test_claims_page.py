@@ -111,6 +111,8 @@ def test_a_claim_must_be_a_comparison_its_preset_records():
         dataclasses.replace(claim("table1-alp-mpgd-wb"), metric="clean")
     with pytest.raises(ConfigError, match="strong worst case"):
         dataclasses.replace(claim("table1-alp-mpgd-wb"), no_strong="also")
+    with pytest.raises(ConfigError, match="k_min must be >= 2"):
+        dataclasses.replace(claim("table1-alp-mpgd-wb"), k_min=1)
     with pytest.raises(ConfigError, match="kind"):
         dataclasses.replace(claim("table1-alp-mpgd-wb"), kind="bigger")
 

@@ -224,3 +224,5 @@ def test_bound_verdicts():
     assert above.outcome == FAILS and "[" in above.reason and "%" in above.reason
     assert bound_verdict({"worst case": [0.02, 0.16, 0.09]}, k_min=3, bound=0.10).outcome == NOT_SEPARABLE
     assert bound_verdict({"worst case": [0.01, 0.02]}, k_min=3, bound=0.10).outcome == NOT_SEPARABLE
+    one = bound_verdict({"worst case": [0.01]}, k_min=1, bound=0.10)  # one seed: no interval, whatever k_min says
+    assert one.outcome == NOT_SEPARABLE and "K = 1 seed < 2" in one.reason

@@ -88,6 +88,8 @@ class Claim:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"claim {self.key}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.k_min < 2 or self.direction not in (1, -1):
+            raise ConfigError(f"claim {self.key}: k_min must be >= 2 (an interval needs two seeds), direction +1 or -1")
         if bool(self.strong) == bool(self.no_strong):
             raise ConfigError(f"claim {self.key}: name the strong worst case's metric or say why none applies")
         preset = self.table
