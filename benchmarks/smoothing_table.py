@@ -76,13 +76,16 @@ def _pct(s: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     a = result["settings"]
-    head = ["run", "clean (base)"]
+    head = ["run", "clean (base)"] + [f"smoothed σ {s:g}: clean (abstain)" for s in a["sigmas"]]
     for r in a["radii"]:
         head += [f"L2 {r:g}: attacked (base, {a['suite']})"] + [f"L2 {r:g}: certified σ {s:g}" for s in a["sigmas"]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for spec, e in result["runs"].items():
         first = next(iter(e["attack"].values()))
         cells = [f"`{Path(spec.partition('@')[0]).name}`", _pct(first["clean"])]
+        for s in a["sigmas"]:
+            sm = e["smoothing"].get(f"{s:g}")
+            cells.append(f"{_pct(sm['smoothed_accuracy'])} ({sm['abstained']})" if sm else "–")
         for r in a["radii"]:
             cells.append(_pct(e["attack"][f"{r:g}"]["robust"]))
             for s in a["sigmas"]:
