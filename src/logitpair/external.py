@@ -146,7 +146,8 @@ class ExternalModel:
             net = _call_factory(str(self.model_factory))
         record["layout"] = layout.name
         if self.weights:
-            record["dropped"] = load_into(net, tensors, str(self.weights), layout=layout, what=self.label).dropped
+            what = f"{self.label} for images {tuple(sample.shape[1:])}" if self.model else self.label
+            record["dropped"] = load_into(net, tensors, str(self.weights), layout=layout, what=what).dropped
         return net, record
 
     def _kwargs(self, tensors: dict[str, Tensor], sample: Tensor) -> dict[str, Any]:
