@@ -244,6 +244,22 @@ def test_what_a_model_from_elsewhere_needs_is_required(tmp_path, lenet_files, ca
     assert not (tmp_path / "out").exists(), "nothing is written before the model loads"
 
 
+class Payload:
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_payload_pth_given_to_evaluate_never_runs(tmp_path, lenet_files, capsys):
+    Payload.marker = str(tmp_path / "payload-ran")
+    torch.save({"features.0.weight": torch.zeros(16, 1, 5, 5), "x": Payload()}, tmp_path / "evil.pth")
+    argv = ["evaluate", str(tmp_path / "out"), "--model", "lenet5", "--weights", str(tmp_path / "evil.pth"), "--eps",
+            "0.1", "--points", str(lenet_files / "points.npz"), *FAST]  # fmt: skip
+    fails(capsys, argv, "evil.pth: refusing to load it: it pickles", "torch.load(weights_only=True)")
+    assert not (tmp_path / "payload-ran").exists() and not (tmp_path / "out").exists()
+
+
 def test_points_that_do_not_fit_the_model(tmp_path, lenet_files, capsys):
     w = str(lenet_files / "lenet.pth")
     cases = [
