@@ -339,7 +339,9 @@ class RunInfo:
     trained elsewhere); ``data`` the dataset options evaluation uses (``data_dir``,
     ``image_size``, ``skip_bad``, ``workers``: a subset of the config's ``data`` section).
     ``normalization`` is the model's input normalisation ``(mean, std)`` (None: none), read from
-    the network itself. Build it with :meth:`from_meta` / :func:`load_run` for our runs, or
+    the network itself. ``points``: a file of the user's own test points that replaces the
+    dataset's test split (:func:`logitpair.data.points.load_points`; a model from elsewhere,
+    :mod:`logitpair.external`). Build it with :meth:`from_meta` / :func:`load_run` for our runs, or
     directly from explicit values for models from elsewhere::
 
         info = RunInfo(dataset="cifar10", eps=8 / 255, model="my-wrn")
@@ -354,6 +356,7 @@ class RunInfo:
     config: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    points: str | None = None
 
     def __post_init__(self) -> None:
         where = self.source or "RunInfo"
@@ -388,6 +391,7 @@ class RunInfo:
             dataset=str(dataset), eps=float(eps), model=str(spec["name"]), method=meta.get("method") or cfg.get("method"),
             image_size=(spec.get("kwargs") or {}).get("image_size"), normalization=normalization_of(module),
             config=dict(cfg), data={k: data[k] for k in DATA_KEYS if k in data}, source=where,
+            points=meta.get("points"),
         )  # fmt: skip
 
 

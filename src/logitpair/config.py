@@ -128,6 +128,13 @@ class RunConfig:
     )
     seed: int = setting(0, "random seed", check=Check(lambda v: 0 <= v < 2**32, "0 <= seed < 2**32"), group=RUN)
     static_models: str = setting("", "ens-adv: comma-separated run directories of frozen source models", group=RUN)
+    init_weights: str = setting(
+        "",
+        "fine-tune: start from these weights, a run's model.safetensors or a file from elsewhere (.safetensors, "
+        ".pt/.pth read with torch.load(weights_only=True); torchvision's layout for resnet50/101, inceptionv3); "
+        "a head for another number of classes is re-initialised; '' = a fresh initialisation",
+        group=RUN,
+    )
     # randomness of the losses: per-sample (keyed by seed, epoch and dataset index, so results do
     # not depend on the number of processes) | global (torch's global RNG, the pre-0.2 behaviour)
     noise: str = setting(
@@ -397,8 +404,18 @@ def loss_for(method: str, values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k in accepted}
 
 
+# Run fields added after the configs that runs have saved: written only when set, so a saved
+# config.json (and a reproduce run's digest) compares equal to the same config read today.
+OMITTED_AT_DEFAULT = ("init_weights",)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    out = dataclasses.asdict(cfg)
+    if isinstance(cfg, RunConfig):
+        for name in OMITTED_AT_DEFAULT:
+            if out[name] == _default(RunConfig, name):
+                del out[name]
+    return out
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -9,10 +9,11 @@ from typing import Any
 
 from logitpair.audit.checks import AuditSettings, audit
 from logitpair.audit.report import audit_markdown, plot_audit
-from logitpair.checkpoint import load_model, load_run
+from logitpair.checkpoint import load_model
 from logitpair.environment import parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.run import test_points
+from logitpair.external import ExternalModel, load_subject
 from logitpair.io import write_json, write_text
 from logitpair.progress import ProgressFactory, null_progress
 from logitpair.threat import Linf
@@ -42,6 +43,7 @@ def audit_run(
     eps: float | None = None,
     settings: AuditSettings | None = None,
     device: str = "cpu",
+    external: ExternalModel | None = None,
 ) -> dict[str, Any]:
     """Audit a run directory on its first ``n`` test points (default 200 with ``quick``, else 500).
 
@@ -49,12 +51,13 @@ def audit_run(
     ``audit.json``, ``audit.md`` and the plots ``audit_eps.png``, ``audit_steps.png``,
     ``audit_restarts.png`` and ``audit_surface.png`` into the run directory (atomically).
     Returns the JSON document (top-level ``verdict``, ``checks``, ``settings``, ...).
+    ``external``: audit this model from elsewhere instead; ``run_dir`` is then where the results go.
     """
     if n is not None and n < 1:
         raise ConfigError(f"expected >= 1, got {n}", option="n")
     run_dir = Path(run_dir)
     dev = parse_device(device)
-    model, info = load_run(run_dir, device=dev, eps=eps)
+    model, info = load_subject(run_dir, external, device=dev, eps=eps, write=write)
     src = load_model(source, device=dev) if source is not None else None
     threat = Linf(info.eps)
     x, y, dataset = test_points(info, n if n is not None else (200 if quick else 500), data_dir)

@@ -24,13 +24,13 @@ from torch import Tensor, nn
 from logitpair.certification.certify import CertifyResult, certify, check_method
 from logitpair.certification.result import DECIDERS, nan_to_none
 from logitpair.certification.sandwich import sandwich
-from logitpair.checkpoint import load_run
 from logitpair.environment import environment, parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.cache import points_digest, text_flags
 from logitpair.evaluation.protocol import run_protocol
 from logitpair.evaluation.run import check_points_options, test_points
 from logitpair.evaluation.suites import get_suite
+from logitpair.external import ExternalModel, load_subject
 from logitpair.io import write_bytes, write_json, write_text
 from logitpair.progress import ProgressFactory, null_progress
 from logitpair.report import markdown_table, pct_ci, plot_curves
@@ -136,16 +136,18 @@ def certify_run(
     opts: CertifyOptions,
     *,
     evaluation: dict[str, Any] | None = None,
+    external: ExternalModel | None = None,
     progress: ProgressFactory = null_progress,
     write: bool,
 ) -> dict[str, Any]:
     """Certify the run's first ``opts.n`` test points (see the module's docstring); ``evaluation``:
     an evaluation of the run just computed (else ``evaluation.json`` is read, when there is one).
-    Returns what ``certify.json`` holds. Raises :class:`~.sandwich.Contradiction` if a point is
+    ``external``: certify this model from elsewhere instead; ``run_dir`` is then where the results
+    go. Returns what ``certify.json`` holds. Raises :class:`~.sandwich.Contradiction` if a point is
     both certified and broken by an attack."""
     run_dir = Path(run_dir)
     device = parse_device(opts.device)
-    model, info = load_run(run_dir, device=device, eps=opts.eps)
+    model, info = load_subject(run_dir, external, device=device, eps=opts.eps, write=write)
     x, y, dataset = test_points(info, opts.n, opts.data_dir)
     state_dir = run_dir / "certify-state" if opts.resume and run_dir.is_dir() else None
     if state_dir is not None:

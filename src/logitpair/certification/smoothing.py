@@ -49,11 +49,11 @@ import torch
 from torch import Tensor, nn
 
 from logitpair.attacks.common import model_device
-from logitpair.checkpoint import load_run
 from logitpair.environment import environment, parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.cache import EvalCache, Fingerprint, points_digest, run_batches, weights_digest
 from logitpair.evaluation.run import check_points_options, test_points
+from logitpair.external import ExternalModel, load_subject
 from logitpair.io import write_bytes, write_json, write_text
 from logitpair.metrics import summarize
 from logitpair.progress import ProgressFactory, null_progress
@@ -354,13 +354,15 @@ class SmoothingOptions:
 
 
 def smoothing_run(
-    run_dir: str | Path, opts: SmoothingOptions, *, progress: ProgressFactory = null_progress, write: bool
-) -> dict[str, Any]:
+    run_dir: str | Path, opts: SmoothingOptions, *, external: ExternalModel | None = None,
+    progress: ProgressFactory = null_progress, write: bool,
+) -> dict[str, Any]:  # fmt: skip
     """Certify the run's first ``opts.n`` test points with randomized smoothing; with ``write``
     write ``certify.json``, ``certify.md`` and ``certify.png`` (certified accuracy against the L2
-    radius) into the run. The state is kept in ``RUN/certify-state/`` unless ``opts.resume`` is False."""
+    radius) into the run. The state is kept in ``RUN/certify-state/`` unless ``opts.resume`` is False.
+    ``external``: certify this model from elsewhere instead; ``run_dir`` is then where the results go."""
     run_dir = Path(run_dir)
-    model, info = load_run(run_dir, device=parse_device(opts.device))
+    model, info = load_subject(run_dir, external, device=parse_device(opts.device), write=write)
     x, y, dataset = test_points(info, opts.n, opts.data_dir)
     state = None
     if opts.resume and run_dir.is_dir():

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from logitpair.cli.common import fraction
+from logitpair.cli.external import add_external_flags, external_from_args
 from logitpair.errors import ConfigError
 from logitpair.progress import make_progress
 
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         get_suite(args.suite)  # an unknown name fails here, naming the known ones
         settings = dataclasses.replace(settings, suite=args.suite)
     settings = dataclasses.replace(settings, baseline=pgd_spec(args.steps, args.restarts, args.step_size))
+    external = external_from_args(args)
     quiet = bool(args.quiet or os.environ.get("CI"))
     doc = audit_run(
         args.run,
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         eps=args.eps,
         settings=settings,
         device=args.device,
+        external=external,
         write=True,
     )
     print(json.dumps(doc, indent=2) if args.json else audit_markdown(doc))
@@ -60,7 +63,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "monotonicity, large-eps success, steps / restarts / FGSM / noise / transfer / Square "
         "consistency, the PGD-40 vs strong-suite gap, determinism and gradient health.",
     )
-    p.add_argument("run", help="run directory or checkpoint")
+    p.add_argument("run", help="run directory or checkpoint (a model from elsewhere: the folder for its results)")
     p.add_argument("--source", help="independently trained run used as the transfer (black-box) source")
     p.add_argument("--quick", action="store_true", help="quick suite and shorter series (default N 200 instead of 500)")
     p.add_argument("--n", type=int, default=None, help="first N test points (default 500, or 200 with --quick)")
@@ -79,5 +82,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N; the audit runs in float32")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of Markdown")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_external_flags(p)
     p.set_defaults(func=run)
     return p

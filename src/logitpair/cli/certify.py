@@ -8,6 +8,7 @@ from typing import Any
 
 from logitpair.certification.certify import METHODS
 from logitpair.cli.common import fraction, quiet
+from logitpair.cli.external import add_external_flags, external_from_args
 from logitpair.progress import make_progress
 
 
@@ -21,7 +22,9 @@ def run(args: argparse.Namespace) -> int:
         eps_curve=tuple(args.eps_curve) if args.eps_curve else None, device=args.device, data_dir=args.data_dir,
         resume=not args.no_resume, seed=args.seed, time_limit=args.time_limit,
     )  # fmt: skip
-    doc = certify_run(args.run, opts, progress=make_progress(quiet(args)), write=True)
+    doc = certify_run(
+        args.run, opts, external=external_from_args(args), progress=make_progress(quiet(args)), write=True
+    )
     if not args.quiet:
         print(certify_markdown(doc))
     return 0
@@ -29,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("certify", help="certified accuracy of a run (bound propagation) against attacks")
-    p.add_argument("run", help="run directory or checkpoint")
+    p.add_argument("run", help="run directory or checkpoint (a model from elsewhere: the folder for its results)")
     p.add_argument(
         "--method", default="crown",
         help=f"{', '.join(METHODS)} (default crown): a bound method; milp: exact verification per point; "
@@ -52,6 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="ignore saved partial results of an earlier run")
     p.add_argument("--quiet", action="store_true")
     add_smoothing_flags(p)
+    add_external_flags(p)
     p.set_defaults(func=run)
     return p
 
@@ -71,7 +75,8 @@ def run_smoothing(args: argparse.Namespace) -> int:
         noise_batch=args.noise_batch, device=args.device, data_dir=args.data_dir, resume=not args.no_resume,
         seed=args.seed, **radii,
     )  # fmt: skip
-    doc = smoothing_run(args.run, opts, progress=make_progress(quiet(args)), write=True)
+    doc = smoothing_run(args.run, opts, external=external_from_args(args), progress=make_progress(quiet(args)),
+                        write=True)  # fmt: skip
     if not args.quiet:
         print(smoothing_markdown(doc))
     return 0

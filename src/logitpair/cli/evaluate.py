@@ -10,6 +10,7 @@ from typing import Any
 
 from logitpair.certification.certify import METHODS
 from logitpair.cli.common import fraction, quiet
+from logitpair.cli.external import add_external_flags, external_from_args
 from logitpair.errors import ConfigError
 from logitpair.progress import ProgressFactory, make_progress
 from logitpair.threat import NORM_NAMES
@@ -26,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
         check_method(args.certify, option="certify")
         if args.norm != "linf":
             raise ConfigError("bound propagation certifies the Linf threat model only; drop `certify` or `norm`")
+    external = external_from_args(args)
     opts = EvalOptions(
         n=args.n, eps=args.eps, norm=args.norm, steps=args.steps, restarts=args.restarts, step_size=args.step_size,
         targeted=args.targeted, top5=args.top5, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size,
@@ -34,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
         save_adversarial=args.save_adversarial, resume=not args.no_resume, device=args.device,
     )  # fmt: skip
     progress = make_progress(quiet(args))
-    ev = evaluate_run(args.run, opts, source=args.source, progress=progress, write=True)
+    ev = evaluate_run(args.run, opts, source=args.source, external=external, progress=progress, write=True)
     text = evaluation_markdown(ev)
     if args.certify is not None:
-        text += _add_certified(args, ev, progress)
+        text += _add_certified(args, ev, progress, external)
     if args.json:
         print(json.dumps(ev, indent=2))
     else:
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_certified(args: argparse.Namespace, ev: dict[str, Any], progress: ProgressFactory) -> str:
+def _add_certified(args: argparse.Namespace, ev: dict[str, Any], progress: ProgressFactory, external: Any) -> str:
     """Certify the evaluated points (``--certify``), add the figures and the sandwich to
     ``evaluation.json`` / ``evaluation.md``; the Markdown section added."""
     from logitpair.certification import CertifyOptions, certify_run, sandwich_markdown
@@ -55,7 +57,7 @@ def _add_certified(args: argparse.Namespace, ev: dict[str, Any], progress: Progr
 
     opts = CertifyOptions(method=args.certify, eps=args.eps, n=args.n, batch_size=args.batch_size, eps_curve=(),
                           device=args.device, data_dir=args.data_dir, resume=not args.no_resume, seed=args.seed)  # fmt: skip
-    doc = certify_run(args.run, opts, evaluation=ev, progress=progress, write=False)
+    doc = certify_run(args.run, opts, evaluation=ev, external=external, progress=progress, write=False)
     ev["certified"] = {**doc["certify"], "sandwich": doc["sandwich"][-1] if doc["sandwich"] else None}
     c = doc["certify"]
     text = f"\n## Certified ({args.certify})\n\nCertified accuracy {pct_ci(c['certified'])} % of {c['n']} points, "
@@ -69,7 +71,7 @@ def _add_certified(args: argparse.Namespace, ev: dict[str, Any], progress: Progr
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("evaluate", help="clean / white-box / black-box accuracy of a run")
-    p.add_argument("run", help="run directory or checkpoint")
+    p.add_argument("run", help="run directory or checkpoint (a model from elsewhere: the folder for its results)")
     p.add_argument(
         "--source", metavar="RUN[,RUN...]",
         help="run whose adversarial examples are transferred (black-box); several runs: crafted on their ensemble",
@@ -108,5 +110,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     p.add_argument("--quiet", action="store_true")
+    add_external_flags(p)
     p.set_defaults(func=run)
     return p

@@ -33,7 +33,7 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
     for action in parser._actions:
         if action.option_strings:
             names.add(action.dest)
-            key = action.dest.rpartition(".")[2]  # a config field's dest is ``config:<section>.<field>``
+            key = action.dest.split(":")[-1].rpartition(".")[2]  # a config field's dest: ``config:[<section>.]<field>``
             if "--" + key.replace("_", "-") in action.option_strings:
                 names.add(key)  # its flag is named after the field
         for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():

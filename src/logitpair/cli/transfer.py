@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from logitpair.cli.common import fraction, quiet
+from logitpair.cli.external import add_external_flags, external_from_args
 from logitpair.errors import ConfigError
 from logitpair.progress import make_progress
 from logitpair.threat import NORM_NAMES
@@ -45,9 +46,8 @@ def run(args: argparse.Namespace) -> int:
         ensembles[name] = members
     opts = TransferOptions(n=args.n, eps=args.eps, attack=attack, seed=args.seed, batch_size=args.batch_size,
                            data_dir=args.data_dir, resume=not args.no_resume, norm=args.norm)  # fmt: skip
-    doc = transfer_runs(
-        args.runs, opts, ensembles=ensembles, out=args.out, progress=make_progress(quiet(args)), write=True
-    )
+    doc = transfer_runs(args.runs, opts, ensembles=ensembles, external=external_from_args(args), out=args.out,
+                        progress=make_progress(quiet(args)), write=True)  # fmt: skip
     print(json.dumps(doc, indent=2) if args.json else transfer_markdown(doc))
     return 0
 
@@ -60,7 +60,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "plain accuracy on the transferred examples and robust accuracy (correct clean and transferred), "
         "each with N and a 95% Wilson interval. The diagonal is white-box.",
     )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (all on the same dataset)")
+    p.add_argument(
+        "runs", nargs="*", metavar="RUN", help="run directories (all on the same dataset; at least one, or --model)"
+    )
     p.add_argument("--attack", help="attack crafted on each source, e.g. mi-fgsm:steps=10 (default: PGD-40x2)")
     p.add_argument("--n", type=int, default=None, help="first N test points (default: all)")
     p.add_argument(
@@ -81,5 +83,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="override the dataset folder")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     p.add_argument("--quiet", action="store_true")
+    add_external_flags(p, "one more source and target, named after its weights file")
     p.set_defaults(func=run)
     return p

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from logitpair.checkpoint import RunInfo, load_model, load_run, run_info
+from logitpair.checkpoint import RunInfo, load_model, run_info
 from logitpair.config import DataConfig, build
 from logitpair.data import load_dataset, take
+from logitpair.data.points import load_points
 from logitpair.environment import parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.blackbox import black_box
@@ -32,6 +33,7 @@ from logitpair.evaluation.cache import flags_text, points_digest, weights_digest
 from logitpair.evaluation.protocol import ProtocolResult, check_norm, run_protocol
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.evaluation.suites import get_suite
+from logitpair.external import ExternalModel, load_subject
 from logitpair.io import write_json, write_text
 from logitpair.metrics import summarize
 from logitpair.models.ensemble import EnsembleLogits
@@ -112,8 +114,12 @@ def test_points(
     ``(x, y, dataset)`` tensors with the evaluation transform. ``run`` is its :class:`RunInfo` (or
     a model loaded by ``load_model``, whose RunInfo is resolved, naming ``where`` in errors). The
     run's dataset options (``image_size``, ``skip_bad``) and its decoding ``workers`` are used, so a
-    folder dataset gives images of the size the model was trained at; ``data_dir`` overrides the run's."""
+    folder dataset gives images of the size the model was trained at; ``data_dir`` overrides the run's.
+    A run whose ``points`` names a file (a model from elsewhere) takes its points from that file."""
     info = run if isinstance(run, RunInfo) else run_info(run, where=where)
+    if info.points:
+        x, y = load_points(info.points)
+        return x[:n], y[:n], info.dataset
     known = {f.name for f in dataclasses.fields(DataConfig)}
     dcfg = build(DataConfig, {k: v for k, v in info.data.items() if k in known})
     splits = load_dataset(info.dataset, data_dir or dcfg.data_dir, val_size=0, **dcfg.options())
@@ -159,6 +165,7 @@ def evaluate_run(
     opts: EvalOptions,
     *,
     source: str | Path | None = None,
+    external: ExternalModel | None = None,
     progress: ProgressFactory = null_progress,
     write: bool,
 ) -> dict[str, Any]:
@@ -166,11 +173,14 @@ def evaluate_run(
     strong suite (each attack only on points still robust) and, with ``source``, black-box
     transfer accuracy, on the first ``opts.n`` test points. With ``write`` (and ``opts.resume``)
     per-example results are saved in ``RUN/eval-state/`` after every batch (an interrupted
-    evaluation continues), and ``evaluation.json`` / ``evaluation.md`` are written into the run."""
+    evaluation continues), and ``evaluation.json`` / ``evaluation.md`` are written into the run.
+    ``external``: evaluate this model from elsewhere instead; ``run_dir`` is then only where the
+    results go (:func:`~logitpair.external.load_subject`)."""
     run_dir = Path(run_dir)
     device = parse_device(opts.device)
     linf = make_threat(opts.norm, 0.0).norm == "Linf"
-    model, info = load_run(run_dir, device=device, eps=opts.eps if linf else None)  # a run's eps is an L-inf one
+    eps = opts.eps if linf else None  # a run's eps is an L-inf one
+    model, info = load_subject(run_dir, external, device=device, eps=eps, write=write)
     threat = eval_threat(opts.norm, opts.eps, info)
     check_norm(strong_attacks(opts, threat.norm), threat.norm)  # attacks that do not support it: before any work
     src = load_source(source, device) if source is not None else None  # before any work: a bad source fails fast
@@ -196,6 +206,8 @@ def evaluate_run(
         "white_box": summary,
         "per_example": per_example(x, y, wb),
     }
+    if external is not None:
+        out["external"] = {"model": external.label, **model.meta["external"]}
     if src is not None:
         out["black_box"] = _black_box(model, src, source_runs(source), x, y, opts, threat, state_dir, progress)
     out["seconds"] = time.perf_counter() - t0
@@ -276,6 +288,18 @@ def baseline_note(attack: dict[str, Any]) -> str:
     )
 
 
+def external_line(ext: dict[str, Any]) -> str:
+    """One sentence on a model from elsewhere: its architecture, weights and input normalisation."""
+    weights = (
+        f", weights `{ext['weights']}` (SHA-256 {ext['sha256'][:16]}…, {ext['layout']} layout)"
+        if ext["weights"]
+        else ""
+    )
+    norm = ext.get("normalization")
+    shown = "none" if not norm else f"mean {[round(v, 4) for v in norm[0]]}, std {[round(v, 4) for v in norm[1]]}"
+    return f"Model from elsewhere: `{ext['model']}`{weights}; input normalisation {shown}.\n\n"
+
+
 def evaluation_markdown(ev: dict[str, Any]) -> str:
     wb = ev["white_box"]
     n = str(ev["n"])
@@ -297,6 +321,7 @@ def evaluation_markdown(ev: dict[str, Any]) -> str:
     text += f"Dataset {ev['dataset']}, method {ev['method']}, {radius(threat)}, first {ev['n']} test points, seed {wb['seed']}"
     text += f", suite `{ev['suite']}`" if ev.get("suite") else ""
     text += f"; {ev.get('precision', 'float32')} on {ev.get('device', 'cpu')}.\n\n"
+    text += external_line(ev["external"]) if ev.get("external") else ""
     text += markdown_table(["", "accuracy % [95% CI]", "N"], rows)
     text += "\n" + baseline_note(base) + "\n"
     text += "\nAttacks in order (each runs only on the points still robust; a point is robust only if it is "

@@ -49,6 +49,7 @@ from logitpair.evaluation.blackbox import black_box, craft
 from logitpair.evaluation.cache import EvalCache, Fingerprint, weights_digest
 from logitpair.evaluation.run import check_points_options, check_threat_options, test_points
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
+from logitpair.external import ExternalModel
 from logitpair.io import atomic_write, write_json, write_text
 from logitpair.metrics import summarize, topk_correct
 from logitpair.models.ensemble import EnsembleLogits
@@ -308,9 +309,10 @@ def _common_threat(
     return make_threat(norm, values[0])
 
 
-def _check_runs(paths: list[str], ensembles: Mapping[str, list[str]]) -> list[str]:
-    """The runs' display names, after checking the runs and the ensembles' names and members."""
-    if not paths:
+def _check_runs(paths: list[str], ensembles: Mapping[str, list[str]], external: bool = False) -> list[str]:
+    """The runs' display names, after checking the runs and the ensembles' names and members
+    (``external``: a model from elsewhere joins the runs, so none may be given)."""
+    if not paths and not external:
         raise ConfigError("transfer: no runs given")
     if len(set(paths)) != len(paths):
         raise ConfigError(f"transfer: a run is given twice ({', '.join(paths)})")
@@ -346,6 +348,7 @@ def transfer_runs(
     opts: TransferOptions,
     *,
     ensembles: Mapping[str, Sequence[str | Path]] | None = None,
+    external: ExternalModel | None = None,
     out: str | Path = "runs/transfer",
     progress: ProgressFactory = null_progress,
     write: bool,
@@ -354,17 +357,24 @@ def transfer_runs(
     ``ensembles`` (name -> runs) is one more source, the mean logits of its runs (one run: that
     model alone). With ``write`` it stores the crafted examples in ``out/crafted/`` (reused by a
     rerun) and writes ``transfer.json``, ``transfer.md`` and ``transfer.png`` into ``out``; every
-    check runs before anything is written. Returns the ``transfer.json`` document."""
+    check runs before anything is written. ``external``: one more model, from elsewhere, named
+    after its weights file (its ``points``, if any, are the study's points). Returns the
+    ``transfer.json`` document."""
     paths = [str(r) for r in runs]
     ensembles = {k: [str(r) for r in v] for k, v in (ensembles or {}).items()}
-    names = _check_runs(paths, ensembles)
+    names = _check_runs(paths, ensembles, external is not None)
     get = _Loader()
     models = {name: get(p) for name, p in zip(names, paths, strict=True)}
+    if external is not None:
+        if external.name in models or external.name in ensembles:
+            raise ConfigError(f"the model from elsewhere is named {external.name!r}, as a run or an ensemble is")
+        models[external.name] = external.load()
     sources = {name: get.ensemble(members) for name, members in ensembles.items()}
     everything = {**models, **{f"{k} member {p}": get(p) for k, v in ensembles.items() for p in v}}
     threat = _common_threat(models, everything, opts.norm, opts.eps)
     check_attack(opts.attack)
-    x, y, dataset = test_points(models[names[0]], opts.n, opts.data_dir)
+    first = next((m for m in models.values() if m.meta.get("points")), next(iter(models.values())))
+    x, y, dataset = test_points(first, opts.n, opts.data_dir)
     out = Path(out)
     created = not out.exists()
     t0 = time.perf_counter()
@@ -383,6 +393,7 @@ def transfer_runs(
         "eps": threat.eps,
         "runs": dict(zip(names, paths, strict=True)),
         "ensembles": ensembles,
+        **({"external": {external.name: models[external.name].meta["external"]}} if external is not None else {}),
         **res.to_dict(),
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -237,7 +237,11 @@ class InceptionV3(nn.Module):
 
 @MODELS.register("inceptionv3")
 def inceptionv3(
-    num_classes: int = 1000, in_channels: int = 3, image_size: int = 299, aux_logits: bool = False
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    image_size: int = 299,
+    aux_logits: bool = False,
+    normalize: str | None = "imagenet",
 ) -> nn.Module:
     """InceptionV3 (23,834,568 parameters at 1000 classes without the aux head); ImageNet mean/std inside."""
-    return InceptionV3(num_classes, in_channels, image_size, aux_logits)
+    return InceptionV3(num_classes, in_channels, image_size, aux_logits, normalize=normalize)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -57,3 +59,57 @@ def check_model_args(model: str, num_classes: int, in_channels: int, image_size:
 def min_size_for_strides(num_stride2: int) -> int:
     """Smallest input for which each of ``num_stride2`` stride-2 layers (output ``ceil(n / 2)``) gets >= 2x2."""
     return 2 ** (num_stride2 - 1) + 1
+
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def normalization_stats(spec: str, in_channels: int) -> Stats | None:
+    """The ``(mean, std)`` a normalisation spec names for ``in_channels`` channels (None: none).
+
+    ``spec`` is ``none``, a name of :data:`NORMALIZATIONS` (``imagenet``, ``inception`` for
+    ``2x - 1``, ``cifar10``), ``MEAN,STD`` (the same for every channel) or ``M1,...,MC,S1,...,SC``
+    (per channel). One :class:`ConfigError` (option ``input_normalization``) otherwise."""
+    text = spec.strip().lower()
+    if text == "none":
+        return None
+    if text in NORMALIZATIONS:
+        layer = input_normalization(text, in_channels)
+        return tuple(layer.mean.flatten().tolist()), tuple(layer.std.flatten().tolist())
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 2:
+        values = [values[0]] * in_channels + [values[1]] * in_channels
+    if len(values) != 2 * in_channels or not all(math.isfinite(v) for v in values):
+        raise ConfigError(
+            f"expected none, {', '.join(NORMALIZATIONS)}, MEAN,STD or {in_channels} means then {in_channels} stds "
+            f"(the inputs have {in_channels} channels), got {spec!r}", option="input_normalization",
+        )  # fmt: skip
+    mean, std = tuple(values[:in_channels]), tuple(values[in_channels:])
+    if min(std) <= 0:
+        raise ConfigError(f"every std must be > 0, got {spec!r}", option="input_normalization")
+    return mean, std
+
+
+def set_normalization(model: nn.Module, stats: Stats | None) -> nn.Module:
+    """``model`` with its input normalisation replaced by ``stats`` (None: none), never stacked:
+    the model's :class:`Normalize` layer (or its ``normalize`` identity, our networks' switched-off
+    normalisation) is swapped; a model without either gets the layer in front of it
+    (``nn.Sequential(Normalize, model)``). Attacks still see [0, 1] pixels."""
+    layer: nn.Module = nn.Identity() if stats is None else Normalize(*stats)
+    found = [name for name, m in model.named_modules() if isinstance(m, Normalize) and name]
+    if len(found) > 1:
+        raise ConfigError(
+            f"the model has {len(found)} normalisation layers ({', '.join(found)}); which one to replace is unclear",
+            option="input_normalization",
+        )
+    if found:
+        parent, _, attr = found[0].rpartition(".")
+        setattr(model.get_submodule(parent), attr, layer)
+        return model
+    if isinstance(getattr(model, "normalize", None), nn.Identity):
+        model.normalize = layer
+        return model
+    return model if stats is None else nn.Sequential(layer, model)

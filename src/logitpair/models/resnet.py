@@ -189,15 +189,19 @@ class ResNetV2(nn.Module):
 
 
 @MODELS.register("resnet50")
-def resnet50(num_classes: int = 1000, in_channels: int = 3, image_size: int = 224) -> nn.Module:
+def resnet50(
+    num_classes: int = 1000, in_channels: int = 3, image_size: int = 224, normalize: str | None = "imagenet"
+) -> nn.Module:
     """ResNet-50 v1 (torchvision layout), 25,557,032 parameters at 1000 classes; ImageNet mean/std inside."""
-    return ResNet((3, 4, 6, 3), num_classes, in_channels, image_size)
+    return ResNet((3, 4, 6, 3), num_classes, in_channels, image_size, normalize)
 
 
 @MODELS.register("resnet101")
-def resnet101(num_classes: int = 1000, in_channels: int = 3, image_size: int = 224) -> nn.Module:
+def resnet101(
+    num_classes: int = 1000, in_channels: int = 3, image_size: int = 224, normalize: str | None = "imagenet"
+) -> nn.Module:
     """ResNet-101 v1 (torchvision layout), 44,549,160 parameters at 1000 classes; the ALP paper's ResNet-101."""
-    return ResNet((3, 4, 23, 3), num_classes, in_channels, image_size)
+    return ResNet((3, 4, 23, 3), num_classes, in_channels, image_size, normalize)
 
 
 @MODELS.register("resnet-v2-50")

@@ -51,12 +51,12 @@ from logitpair.errors import ConfigError, LogitpairError
 from logitpair.evaluation.suites import get_suite
 from logitpair.io import sha256_file, write_text
 from logitpair.methods import METHODS
-from logitpair.models import create_model
 from logitpair.modes import attack_autocast, train_mode
 from logitpair.progress import Bar, Logger, ProgressFactory, null_log, null_progress
 from logitpair.training import distributed as D
 from logitpair.training.batches import epoch_batches, epoch_order, micro_batches, noise_key, steps_per_epoch
 from logitpair.training.ema import ema_model
+from logitpair.training.finetune import start_model
 from logitpair.training.optim import lr_at, make_optimizer
 from logitpair.training.persist import checkpoint_payload, export_run, final_model, restore
 from logitpair.training.policies import EpochEnd, EpochPolicy, epoch_policies
@@ -210,11 +210,11 @@ def _setup(
     _on_rank0(world, partial(prepare_run_dir, out_dir, cfg, resume, overwrite, log))
 
     torch.manual_seed(cfg.seed)
-    spec = model_spec(cfg, splits)
-    model = create_model(cfg.model, **spec["kwargs"])
+    ckpt = latest_checkpoint(out_dir / "checkpoints") if resume else None
+    spec, model, init = start_model(cfg, model_spec(cfg, splits), ckpt, log)  # init_weights: fine-tuning
     opt = make_optimizer(list(model.parameters()), cfg)
-    state, snaps = LoopState(), Snapshots(ema=clone_weights(model) if cfg.ema_decay > 0 else None)
-    if resume and (ckpt := latest_checkpoint(out_dir / "checkpoints")) is not None:
+    state, snaps = LoopState(init=init), Snapshots(ema=clone_weights(model) if cfg.ema_decay > 0 else None)
+    if ckpt is not None:
         state, snaps = restore(ckpt, model, opt, ema=cfg.ema_decay > 0, world=world)
         log(f"resumed from {ckpt.name} (epoch {state.epoch + 1}, batch {state.pos}, step {state.step})")
     model.to(device)

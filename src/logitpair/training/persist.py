@@ -99,6 +99,7 @@ def export_run(
         },
         "weights": "ema" if ema and cfg.export_weights == "ema" else "raw",
         "static_models": static_record,
+        **({"init_weights": state.init} if state.init is not None else {}),
         "train_seconds": state.train_seconds,
         "version": __version__,
     }

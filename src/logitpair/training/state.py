@@ -27,7 +27,7 @@ Weights = dict[str, Tensor]
 @dataclass
 class LoopState:
     """Where the loop stands. :meth:`to_dict` / :meth:`from_dict` are a checkpoint's ``loop``
-    entry, in the format checkpoints have always had (``stopped`` only when set)."""
+    entry, in the format checkpoints have always had (``stopped`` and ``init`` only when set)."""
 
     epoch: int = 0  # the current epoch, 0-based; = optim.epochs once training is over
     pos: int = 0  # optimisation steps done in the current epoch
@@ -38,6 +38,7 @@ class LoopState:
     acc: dict[str, float] = field(default_factory=dict)  # the epoch's metric sums at the checkpoint, "n": steps
     best: tuple[int, float] | None = None  # (epoch, value) of the best epoch under `select`
     stopped: int | None = None  # the overfitting guard stopped training: the epoch whose weights are kept
+    init: dict[str, Any] | None = None  # the weights the run started from (init_weights): file, SHA-256, head
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -52,6 +53,8 @@ class LoopState:
         }
         if self.stopped is not None:
             out["stopped"] = self.stopped
+        if self.init is not None:
+            out["init"] = self.init
         return out
 
     @classmethod
