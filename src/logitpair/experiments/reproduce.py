@@ -49,6 +49,7 @@ import torch
 from logitpair.config import RunConfig, loss_for, make_config, migrate, to_dict
 from logitpair.data import DATASETS
 from logitpair.data.base import VAL_SIZE_MAX
+from logitpair.distributed import env_world
 from logitpair.environment import environment
 from logitpair.errors import ConfigError
 from logitpair.evaluation.transfer import plot_transfer, transfer_markdown
@@ -63,7 +64,6 @@ from logitpair.io import atomic_write, replace_dir, write_json, write_text
 from logitpair.metrics import summarize
 from logitpair.progress import Logger, ProgressFactory, null_log, null_progress
 from logitpair.training import train
-from logitpair.training.distributed import env_world
 
 DATA_NEEDS = {
     "mnist": "MNIST: the four IDX files (train-images-idx3-ubyte[.gz], ...) via --data-dir",
