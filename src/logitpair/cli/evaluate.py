@@ -10,6 +10,7 @@ from typing import Any
 
 from logitpair.certification.certify import METHODS
 from logitpair.cli.common import fraction, quiet
+from logitpair.distributed import env_world
 from logitpair.errors import ConfigError
 from logitpair.progress import ProgressFactory, make_progress
 from logitpair.threat import NORM_NAMES
@@ -33,11 +34,14 @@ def run(args: argparse.Namespace) -> int:
         attacks=tuple(parse_attacks(args.attacks)) if args.attacks else (),
         save_adversarial=args.save_adversarial, resume=not args.no_resume, device=args.device,
     )  # fmt: skip
-    progress = make_progress(quiet(args))
+    main = env_world().is_main  # under torchrun every rank takes its shard; rank 0 reports and writes
+    progress = make_progress(quiet(args) or not main)
     ev = evaluate_run(args.run, opts, source=args.source, progress=progress, write=True)
     text = evaluation_markdown(ev)
     if args.certify is not None:
         text += _add_certified(args, ev, progress)
+    if not main:
+        return 0
     if args.json:
         print(json.dumps(ev, indent=2))
     else:
