@@ -150,6 +150,8 @@ N, BATCH = 40, 16  # 3 batches: with 3 processes every rank has one
 # attack of the suite running on some points (measured), so a shard that differs shows
 EVAL = ["--n", str(N), "--batch-size", str(BATCH), "--eps", "0.03", "--suite", "fast", "--steps", "1", "--restarts",
         "1", "--seed", "3", "--quiet", "--json"]  # fmt: skip
+CERTIFY = ["--method", "crown-ibp", "--n", str(N), "--batch-size", str(BATCH), "--eps", "0.03", "--eps-curve", "0.03",
+           "--quiet"]  # fmt: skip
 TRANSFER = ["--n", str(N), "--batch-size", str(BATCH), "--attack", "pgd:steps=3;restarts=1", "--eps", "0.03",
             "--seed", "4", "--quiet", "--json"]  # fmt: skip
 
@@ -209,10 +211,11 @@ def _torchrun(args: list[str], driver: Path, nproc: int, restarts: int = 0, **en
     return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(job: subprocess.Popen) -> tuple[dict, str]:
+def _finish(job: subprocess.Popen, printed: bool = True) -> tuple[dict, str]:
+    """The JSON the job printed (once, by rank 0) and its stderr."""
     out, err = job.communicate(timeout=300)
     assert job.returncode == 0, err[-4000:]
-    return json.loads(out), err
+    return json.loads(out) if printed else {}, err
 
 
 def _log(err: str, kind: str) -> list[dict[str, str]]:
@@ -282,13 +285,14 @@ def runs(tmp_path_factory, data_dir):
     assert main(_evaluate_args(single)) == 0
     assert main(["transfer", str(single / "a"), str(single / "random"), "--out", str(single / "transfer"),
                  *TRANSFER]) == 0  # fmt: skip
+    assert main(["certify", str(single / "a"), *CERTIFY]) == 0
     assert a.is_dir()
     return root
 
 
 @pytest.fixture(scope="module")
 def sharded(runs):
-    """``evaluate`` and ``transfer`` with 2 and 3 processes, all four started at once."""
+    """``evaluate`` and ``transfer`` with 2 and 3 processes and ``certify`` with 2, all started at once."""
     jobs = {}
     for nproc in (2, 3):
         d = runs / f"p{nproc}"
@@ -296,7 +300,10 @@ def sharded(runs):
         jobs["evaluate", nproc] = _torchrun(_evaluate_args(d), runs / "driver.py", nproc)
         jobs["transfer", nproc] = _torchrun(["transfer", str(d / "a"), str(d / "random"), "--out",
                                              str(d / "transfer"), *TRANSFER], runs / "driver.py", nproc)  # fmt: skip
-    return {key: _finish(job) for key, job in jobs.items()}
+    shutil.copytree(runs / "base", runs / "certify")  # with the one-process evaluation (certify's sandwich reads it)
+    shutil.copy(runs / "single" / "a" / "evaluation.json", runs / "certify" / "a" / "evaluation.json")
+    jobs["certify", 2] = _torchrun(["certify", str(runs / "certify" / "a"), *CERTIFY], runs / "driver.py", 2)
+    return {key: _finish(job, printed=key[0] != "certify") for key, job in jobs.items()}
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
@@ -353,3 +360,32 @@ def test_killed_rank_restarts_and_continues_from_its_saved_batch(runs):
     _same_evaluation(doc, single)
     _same_evaluation(json.loads((d / "a" / "evaluation.json").read_text()), single)
     _same_state(d, runs / "single")
+
+
+def test_certify_under_torchrun_equals_one_process(runs, sharded):
+    """Bound propagation (CROWN-IBP) and the curve's fast-suite attacks, sharded over 2 processes."""
+    _, err = sharded["certify", 2]
+    one = json.loads((runs / "single" / "a" / "certify.json").read_text())
+    two = json.loads((runs / "certify" / "a" / "certify.json").read_text())
+    assert one["processes"] == 1 and two["processes"] == 2
+    for key in ("points", "curve", "sandwich"):
+        assert one[key] == two[key], key
+    timing = ("seconds_per_point",)
+    assert {k: v for k, v in one["certify"].items() if k not in timing} == {
+        k: v for k, v in two["certify"].items() if k not in timing
+    }
+    assert 0 < one["curve"][0]["attacked"]["value"] < 1 and one["certify"]["certified"]["value"] < 1
+    assert len(one["sandwich"]) == 2, "the curve's sandwich and the evaluation's"
+    _check_sharding(err, 2)
+
+
+@pytest.mark.parametrize("method", ["milp", "smoothing"])
+def test_one_process_certifiers_refuse_torchrun_with_one_error(runs, method, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    extra = ["--sigma", "0.25", "--n-samples", "10"] if method == "smoothing" else []
+    assert main(["certify", str(runs / "base" / "a"), "--method", method, "--n", "2", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"logitpair: error: --method {method} under torchrun: "
+                   + {"milp": "the exact verification", "smoothing": "randomized smoothing"}[method]
+                   + " is not sharded; run it in one process"]  # fmt: skip

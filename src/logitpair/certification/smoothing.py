@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from logitpair.attacks.common import model_device
 from logitpair.checkpoint import load_run
+from logitpair.distributed import env_world
 from logitpair.environment import environment, parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.cache import EvalCache, Fingerprint, points_digest, run_batches, weights_digest
@@ -358,7 +359,12 @@ def smoothing_run(
 ) -> dict[str, Any]:
     """Certify the run's first ``opts.n`` test points with randomized smoothing; with ``write``
     write ``certify.json``, ``certify.md`` and ``certify.png`` (certified accuracy against the L2
-    radius) into the run. The state is kept in ``RUN/certify-state/`` unless ``opts.resume`` is False."""
+    radius) into the run. The state is kept in ``RUN/certify-state/`` unless ``opts.resume`` is False.
+    It runs in one process (not sharded under torchrun: one clear error there)."""
+    if env_world().active:
+        raise ConfigError(
+            "`method` smoothing under torchrun: randomized smoothing is not sharded; run it in one process"
+        )
     run_dir = Path(run_dir)
     model, info = load_run(run_dir, device=parse_device(opts.device))
     x, y, dataset = test_points(info, opts.n, opts.data_dir)

@@ -65,7 +65,7 @@ def _add_certified(args: argparse.Namespace, ev: dict[str, Any], progress: Progr
     text = f"\n## Certified ({args.certify})\n\nCertified accuracy {pct_ci(c['certified'])} % of {c['n']} points, "
     text += f"{c['seconds_per_point']:.3g} s per point.\n\n" + sandwich_markdown(doc["sandwich"], args.certify)
     run_dir = Path(args.run)
-    if run_dir.is_dir():
+    if run_dir.is_dir() and env_world().is_main:
         write_json(run_dir / "evaluation.json", ev)
         write_text(run_dir / "evaluation.md", evaluation_markdown(ev) + text)
     return text
