@@ -379,6 +379,16 @@ def test_certify_under_torchrun_equals_one_process(runs, sharded):
     _check_sharding(err, 2)
 
 
+def test_audit_refuses_torchrun_with_one_error(runs, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["audit", str(runs / "base" / "a"), "--quick", "--n", "2"]) == 2
+    expected = ("logitpair: error: audit under torchrun: its checks share attack runs, so it runs in one process; "
+                "run `logitpair audit` without torchrun")  # fmt: skip
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
+    assert not (runs / "base" / "a" / "audit.json").exists()
+
+
 @pytest.mark.parametrize("method", ["milp", "smoothing"])
 def test_one_process_certifiers_refuse_torchrun_with_one_error(runs, method, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
