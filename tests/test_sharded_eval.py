@@ -51,6 +51,7 @@ def _threaded(monkeypatch, world_size: int, fn) -> list:
 
     monkeypatch.setattr(cache_mod, "all_gather", all_gather)
     monkeypatch.setattr(cache_mod, "barrier", lambda world: sync.wait())
+    monkeypatch.setattr(cache_mod, "wait_for_all", lambda world: sync.wait())
     results: list = [None] * world_size
 
     def target(rank):

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import itertools
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,11 +60,16 @@ def setup(device: str) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(dev)
     if w.active and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, store=_store(w), rank=w.rank, world_size=w.world_size)
+        _STORE["store"] = store = _store(w)
+        dist.init_process_group(backend=backend, store=store, rank=w.rank, world_size=w.world_size)
         # one group per process, kept for every later train() call (experiments train several
         # models); re-creating it would meet the first group's keys in torchrun's store
         atexit.register(teardown)
     return w, dev
+
+
+_STORE: dict[str, dist.Store] = {}  # the store the process group was joined through (by setup)
+_WAITS = itertools.count()  # wait_for_all calls so far: the same sequence on every rank
 
 
 def _store(w: Dist) -> dist.Store:
@@ -107,6 +114,26 @@ def all_reduce_sum(t: torch.Tensor, w: Dist) -> torch.Tensor:
 def barrier(w: Dist) -> None:
     if w.active:
         dist.barrier()
+
+
+def wait_for_all(w: Dist, poll_s: float = 1.0) -> None:
+    """Block until every rank has called this (as often): a barrier through torchrun's key-value
+    store, polled, so that a rank that finished its share long before the others never runs into a
+    collective's timeout (NCCL's watchdog: 10 minutes by default; gloo's: 30) while it waits.
+    Every rank must call it the same number of times, in the same order. A process group joined
+    other than by :func:`setup` falls back to ``dist.barrier``."""
+    if not w.active:
+        return
+    store = _STORE.get("store")
+    if store is None:
+        dist.barrier()
+        return
+    key = f"wait-for-all/{next(_WAITS)}"
+    store.add(key, 1)
+    delay = 0.01
+    while store.add(key, 0) < w.world_size:
+        time.sleep(delay)
+        delay = min(2 * delay, poll_s)
 
 
 def all_gather(w: Dist, value: Any) -> list[Any]:

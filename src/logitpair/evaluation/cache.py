@@ -45,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from logitpair.distributed import Dist, all_gather, barrier
+from logitpair.distributed import Dist, all_gather, barrier, wait_for_all
 from logitpair.io import atomic_write
 from logitpair.progress import Bar
 
@@ -284,6 +284,7 @@ def _run_sharded(
             bar.update(stop - start)
     idx = _rows(bounds, mine)
     merged = fresh()
+    wait_for_all(world)  # ranks finish their shares at different times: wait outside the collective's timeout
     for batches, rows in all_gather(world, (mine, {k: v[idx] for k, v in state.items()})):
         at = _rows(bounds, batches)
         for k, v in merged.items():

@@ -15,6 +15,7 @@ from logitpair.distributed import (
     same_on_all_ranks,
     setup,
     teardown,
+    wait_for_all,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "same_on_all_ranks",
     "setup",
     "teardown",
+    "wait_for_all",
 ]
