@@ -268,8 +268,9 @@ def _run_sharded(
     saved in its rank file after each, then the rows of every rank's batches exchanged."""
     bounds = batch_bounds(n, batch_size)
     mine = [b for b in range(len(bounds)) if b % world.world_size == world.rank]
-    state, done = _resume_shard(cache, bounds, batch_size, mine, fresh())
-    _check_per_example(state, n)
+    initial = fresh()
+    _check_per_example(initial, n)
+    state, done = _resume_shard(cache, bounds, batch_size, mine, initial)
     own = cache.for_rank(world.rank, world.world_size)
     if bar is not None:
         bar.update(len(_rows(bounds, done)))
