@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from _certify import markdown as certify_markdown
+from _scaling import markdown as scaling_markdown
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -153,7 +154,8 @@ def markdown_summary(r: dict[str, Any]) -> str:
         f"ART {v.get('adversarial-robustness-toolbox') or 'not installed'}, "
         f"pyautoattack {v.get('pyautoattack') or 'not installed'}; took {r.get('seconds', 0):.0f} s.\n\n"
     )
-    parts = [head, _attack_section(r), _train_section(r), _eval_section(r), _data_section(r), certify_markdown(r)]
+    parts = [head, _attack_section(r), _train_section(r), _eval_section(r), _data_section(r), certify_markdown(r),
+             scaling_markdown(r)]  # fmt: skip
     return "\n".join(p for p in parts if p)
 
 

@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/run.py --out benchmarks/results/bench.json [--quick] [--device cpu|cuda]
         [--models RUN ...] [--threads 1] [--repeats 5] [--n 1000] [--suites quick standard fast pgd40]
-        [--jobs 1] [--docs docs/PERFORMANCE.md]
+        [--jobs 1] [--docs docs/PERFORMANCE.md] [--scaling-run RUN --scaling-n 1000 --scaling-suites fast standard]
 
 Definitions. A *pass* is one image through the model; forward images are counted with
 autograd on (the forward built a graph) and off, separately (``_counting.CountingModel``).
@@ -36,6 +36,11 @@ its min and max, each measurement in its own process (forked), with its peak mem
   (each attack only on the points still robust). Reported, not a target.
 - ``data``: Fashion-MNIST IDX read throughput, and decode+transform throughput of the
   ``imagenet`` folder loader on generated JPEGs.
+- ``eval_scaling`` (issue 23, ``_scaling.py``): points per second of the protocol under each
+  ``--scaling-suites`` suite on ``--scaling-run``, and ALP training images per second, with one
+  process x 1 thread, 2 processes x 1 thread (torchrun) and one process x 2 threads (target:
+  2 x 1 >= 1.8 x 1 x 1); a ``gpu`` entry, the sharded ``fast`` evaluation of ResNet-50 at 224 px,
+  wherever a CUDA device is (skipped otherwise).
 
 Models: ``lenet5`` and ``lenet`` (28x28x1), ``preact-resnet18`` (32x32x3) and, with
 ``--device cuda`` only, ``resnet50`` (224x224x3). ``--quick`` (the CI smoke test): the two
@@ -64,6 +69,8 @@ from _certify import resolve_arguments as resolve_certify_arguments
 from _masked import split_name
 from _report import markdown_summary, write_docs
 from _results import write_result
+from _scaling import add_arguments as add_scaling_arguments
+from _scaling import measure as measure_scaling
 from _workers import worker
 
 MODELS: dict[str, dict[str, Any]] = {  # shape (C, H, W); attack batch and steps; training batch
@@ -471,8 +478,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training methods measured on architectures other than lenet5 / lenet (default: the paper's five)",
     )  # fmt: skip
     ap.add_argument("--min-seconds", type=float, default=None, help="shortest timed sample (default 0.3; --quick 0)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=("attacks", "training", "data", "evaluations", "certify"))
+    ap.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=("attacks", "training", "data", "evaluations", "certify", "eval_scaling"),
+    )
     add_certify_arguments(ap)
+    add_scaling_arguments(ap)
     ap.add_argument("--docs", default=None, help="Markdown file whose generated section is rewritten")
     ap.add_argument(
         "--docs-section", default=None, metavar="NAME",
@@ -492,6 +505,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     resolve_certify_arguments(args)
     if min(args.repeats, args.n, args.threads, args.jobs, args.eval_repeats, args.certify_n) < 1:
         ap.error("--repeats, --n, --certify-n, --threads, --jobs and --eval-repeats must be >= 1")
+    if min(args.scaling_n, args.scaling_batch, args.scaling_repeats, args.scaling_gpu_n) < 1:
+        ap.error("--scaling-n, --scaling-batch, --scaling-repeats and --scaling-gpu-n must be >= 1")
     if set(args.masking) - set(args.models):
         ap.error("--masking names models that --models does not")
     args.reuse = reused_autoattack(args, ap.error)
@@ -545,7 +560,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     have_aa = importlib.util.find_spec("pyautoattack") is not None and not args.no_autoattack
     t0 = time.perf_counter()
     result: dict[str, Any] = {
-        "what": "benchmarks (issues 13, 17, 20): cost ratios, evaluations vs AutoAttack, data throughput, certified bounds",
+        "what": "benchmarks (issues 13, 17, 20, 23): cost ratios, evaluations vs AutoAttack, data throughput, "
+        "certified bounds, processes against threads",
         "command": "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "docs", "reuse")},
         "versions": versions(),
@@ -563,6 +579,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["eval_speedup"] = "skipped: no --models given"
     if "certify" not in args.skip:
         result["certify"] = measure_certify(runner, args, run_meta)
+    if "eval_scaling" not in args.skip:
+        result["eval_scaling"] = measure_scaling(args, runner.say)
     result["seconds"] = time.perf_counter() - t0
     write_result(args.out, result)
     from logitpair.environment import environment

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -122,10 +123,17 @@ def test_quick_benchmark_writes_the_documented_schema(tmp_path, data_dir):
     assert folder == "skipped: Pillow is not installed" or _positive(folder["test"]["images_per_second"]["median"])
 
     _check_certify(r["certify"], run)
+    _check_scaling_skipped(r["eval_scaling"])
 
     text = docs.read_text()
     assert text.startswith("# Performance\n\nprose\n") and text.endswith("end\n") and "STALE" not in text
     assert "Attack cost" in text and "Evaluations vs AutoAttack" in text and "Certified bounds" in text
+
+
+def _check_scaling_skipped(e: dict) -> None:
+    """Without --scaling-run the section starts no process (its CPU figures: the slow test)."""
+    assert e["evaluation"] == e["training"] == "skipped: no --scaling-run"
+    assert e["gpu_resnet50"] == "skipped: no CUDA device" or e["gpu_resnet50"]["points_per_second"] > 0
 
 
 def _check_certify(c: dict, run: Path) -> None:
@@ -228,3 +236,38 @@ def test_the_resumable_tables_add_up_and_resume(tmp_path, data_dir):
     cert = e["smoothing"]["0.25"]["certified_accuracy"][0]["value"]
     assert 0 <= cert <= e["smoothing"]["0.25"]["smoothed_accuracy"]["value"] <= 1
     assert e["attack"]["0.1"]["robust"]["value"] <= e["attack"]["0.1"]["clean"]["value"]
+
+
+def _scaling(tmp_path: Path, data_dir: Path, *extra: str) -> dict:
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, "benchmarks/run.py", "--out", str(out), "--skip", "attacks", "training", "data",
+           "evaluations", "certify", "--data-dir", str(data_dir), *extra]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Processes against threads" in proc.stdout
+    return json.loads(out.read_text())["eval_scaling"]
+
+
+@pytest.mark.slow
+def test_eval_scaling_section(tmp_path, data_dir):
+    """Processes against threads (issue 23) at a tiny size: the schema and the same record everywhere."""
+    run = _tiny_run(tmp_path / "run", data_dir)
+    e = _scaling(tmp_path, data_dir, "--scaling-run", str(run), "--scaling-n", "32", "--scaling-batch", "8",
+                 "--scaling-suites", "fast", "--scaling-repeats", "1", "--scaling-train-images", "256")  # fmt: skip
+    fast = e["evaluation"]["fast"]
+    assert fast["same_result"] is True, "1 x 1, 2 x 1 and 1 x 2 gave the same per-example record"
+    for key in ("1x1", "2x1", "1x2"):
+        assert _positive(fast["points_per_second"][key]["median"])
+        assert _positive(e["training"]["images_per_second"][key]["median"])
+    for entry in (fast, e["training"]):
+        t = entry["2x1_over_1x1"]
+        assert t["target"] == 1.8 and isinstance(t["met"], bool) and _positive(entry["2x1_over_1x2"])
+    assert e["settings"]["configs"] == {"1x1": [1, 1], "2x1": [2, 1], "1x2": [1, 2]}
+
+
+@pytest.mark.gpu
+def test_eval_scaling_gpu_entry(tmp_path, data_dir):
+    """The sharded fast evaluation of ResNet-50 at 224 px on every visible GPU (a small count)."""
+    g = _scaling(tmp_path, data_dir, "--scaling-gpu-n", "64")["gpu_resnet50"]
+    assert g["marker"] == "gpu" and g["points"] == 64 and _positive(g["points_per_second"])
+    assert len(g["devices"]) == g["gpus"] >= 1

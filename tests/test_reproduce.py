@@ -365,15 +365,22 @@ def test_alp_resnet50_trains_on_cuda_bf16_channels_last(tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_under_torchrun(smoke_data, tmp_path):
-    """Every process trains (DistributedDataParallel, gloo); rank 0 alone evaluates and writes."""
+    """Every process trains (DistributedDataParallel, gloo) and takes its shard of the evaluation
+    (2 batches of 2 points: one per rank); rank 0 alone audits and writes. The sharded white-box
+    record equals the protocol run in this one process on the trained model."""
     import os
     import subprocess
     import sys
 
+    from safetensors.torch import load_file
+
+    from logitpair import load_model
+    from logitpair.evaluation import run_protocol
+
     out = tmp_path / "t1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "logitpair",
            "reproduce", "table1", "--scale", "smoke", "--data-dir", str(smoke_data["mnist"]), "--out", str(out),
-           "--quiet"]  # fmt: skip
+           "--batch-size", "2", "--quiet"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -382,6 +389,17 @@ def test_reproduce_under_torchrun(smoke_data, tmp_path):
         assert json.loads((out / "seed-0" / name / "train.json").read_text())["world_size"] == 2
     assert json.loads((out / "results.json").read_text())["rows"][0]["name"] == "mpgd"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t1"]
+    plan = make_plan(ReproduceOptions("table1", scale="smoke", data_dir=str(smoke_data["mnist"]), batch_size=2))
+    run = out / "seed-0" / "alp"
+    model = load_model(run)
+    x, y, _ = points_of(model, plan.n, str(smoke_data["mnist"]))
+    assert len(y) == 4
+    one = run_protocol(model, x, y, [plan.paper, *plan.suite], threat=Linf(plan.eps), seed=0, batch_size=2)
+    sharded = load_file(str(run / "reproduce-white-box.safetensors"))
+    assert not list(run.glob("*.rank*")), "the rank files are removed"
+    assert torch.equal(sharded["clean1"], one.clean_correct) and torch.equal(sharded["robust1"], one.robust)
+    assert torch.equal(sharded["broken_by"], one.broken_by)
+    assert torch.equal(sharded["attacked"].sum(0, dtype=torch.long), one.attacked)
 
 
 def test_device_paths_on_the_cpu(smoke_data, store, tmp_path):

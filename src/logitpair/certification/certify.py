@@ -38,6 +38,7 @@ from logitpair import bounds
 from logitpair.attacks.common import model_device, predict
 from logitpair.certification.exact import certify_milp
 from logitpair.certification.result import STATUSES, CertifyResult, certify_fingerprint
+from logitpair.distributed import Dist
 from logitpair.errors import ConfigError
 from logitpair.evaluation.cache import EvalCache, run_batches
 from logitpair.modes import eval_mode
@@ -95,6 +96,7 @@ def certify(
     state_path: str | Path | None = None,
     progress: ProgressFactory = null_progress,
     desc: str = "certify",
+    world: Dist | None = None,
 ) -> CertifyResult:
     """Certify ``model`` (logits of [0, 1] images ``x``, N×…; labels ``y``) against ``threat`` with
     the bound ``method`` (``ibp``, ``crown-ibp``, ``crown``, ``alpha-crown``; ``options`` go to
@@ -103,7 +105,9 @@ def certify(
     ``time_limit`` (60 s per point), ``formulation``, ``cheap``, ``suite``, ``seed``, ``iterations``).
     With ``state_path`` the per-point record is saved after every batch (the MILP's after every
     point) and a rerun with the same settings continues where the last one stopped. The model is
-    used as it is (call ``.eval()`` first)."""
+    used as it is (call ``.eval()`` first). ``world`` (torchrun, bound methods only): the batches
+    are sharded by rank as the evaluation's are (:func:`~logitpair.evaluation.cache.run_batches`),
+    every rank gets the same result."""
     check_method(method)
     if batch_size < 1:
         raise ConfigError(f"expected >= 1, got {batch_size}", option="batch_size")
@@ -112,6 +116,10 @@ def certify(
     opts = dict(options or {})
     device = model_device(model)
     if method == "milp":
+        if world is not None and world.active:
+            raise ConfigError(
+                "`method` milp under torchrun: the exact verification is not sharded; run it in one process"
+            )
         return certify_milp(model, x, y, threat=threat, options=opts, batch_size=batch_size, state_path=state_path,
                             progress=progress, desc=desc)  # fmt: skip
     fp = certify_fingerprint(
@@ -129,7 +137,7 @@ def certify(
         st["seconds"][start:stop] = (time.perf_counter() - t0) / (stop - start)
 
     bar = progress(len(x), desc)
-    st = run_batches(len(x), batch_size, cache, fresh=partial(_fresh, len(x)), step=step, bar=bar)
+    st = run_batches(len(x), batch_size, cache, fresh=partial(_fresh, len(x)), step=step, bar=bar, world=world)
     bar.close()
     return CertifyResult(
         clean_correct=st["clean"], certified=st["certified"], margin=st["margin"], seconds=st["seconds"],

@@ -7,7 +7,9 @@ evaluate`` evaluated the same points at the same ε (its per-example record): th
 (:mod:`.sandwich`). With ``write=True`` it writes ``certify.json``, ``certify.md`` and
 ``certify.png`` into the run, each atomically and only once everything is computed. The
 resumable state (certification and attacks, per batch) is kept in ``RUN/certify-state/`` unless
-``opts.resume`` is False.
+``opts.resume`` is False. Under torchrun the bound methods' batches and the curve's attacks are
+sharded by rank (batch ``b`` to rank ``b mod N``, the same result as one process) and rank 0
+writes; ``milp`` runs in one process only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from logitpair.certification.certify import CertifyResult, certify, check_method
 from logitpair.certification.result import DECIDERS, nan_to_none
 from logitpair.certification.sandwich import sandwich
+from logitpair.distributed import Dist, env_world, setup
 from logitpair.environment import environment, parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.cache import points_digest, text_flags
@@ -78,6 +81,7 @@ class _Points:
     opts: CertifyOptions
     state_dir: Path | None
     progress: ProgressFactory
+    world: Dist
 
     def state(self, name: str, eps: float) -> Path | None:
         return self.state_dir / f"{name}-eps{eps:.6g}.safetensors" if self.state_dir is not None else None
@@ -87,14 +91,14 @@ class _Points:
         options = {"time_limit": o.time_limit, "seed": o.seed} if o.method == "milp" else None
         return certify(self.model, self.x, self.y, threat=Linf(eps), method=o.method, batch_size=o.batch_size,
                        options=options, state_path=self.state(o.method, eps), progress=self.progress,
-                       desc=f"certify eps={eps:g}")  # fmt: skip
+                       desc=f"certify eps={eps:g}", world=self.world)  # fmt: skip
 
     def attacked(self, eps: float) -> Tensor:
         """Per point: correct clean and under every attack of the curve's suite at ``eps``."""
         attacks = get_suite(CURVE_SUITE) if eps > 0 else []
         res = run_protocol(self.model, self.x, self.y, attacks, threat=Linf(eps), batch_size=self.opts.batch_size,
                            seed=self.opts.seed, state_path=self.state(CURVE_SUITE, eps), progress=self.progress,
-                           desc=f"{CURVE_SUITE} eps={eps:g}")  # fmt: skip
+                           desc=f"{CURVE_SUITE} eps={eps:g}", world=self.world)  # fmt: skip
         return res.robust
 
 
@@ -146,13 +150,15 @@ def certify_run(
     go. Returns what ``certify.json`` holds. Raises :class:`~.sandwich.Contradiction` if a point is
     both certified and broken by an attack."""
     run_dir = Path(run_dir)
-    device = parse_device(opts.device)
+    if env_world().active and opts.method == "milp":
+        raise ConfigError("`method` milp under torchrun: the exact verification is not sharded; run it in one process")
+    world, device = setup(str(parse_device(opts.device)))  # joins the process group under torchrun
     model, info = load_subject(run_dir, external, device=device, eps=opts.eps, write=write)
     x, y, dataset = test_points(info, opts.n, opts.data_dir)
     state_dir = run_dir / "certify-state" if opts.resume and run_dir.is_dir() else None
     if state_dir is not None:
         state_dir.mkdir(exist_ok=True)
-    pts = _Points(model.eval(), x, y, opts, state_dir, progress)
+    pts = _Points(model.eval(), x, y, opts, state_dir, progress, world)
     t0 = time.perf_counter()
     main = pts.certify(info.eps)
     curve = _curve(pts, info.eps, main)
@@ -172,7 +178,8 @@ def certify_run(
         doc["points"]["decided_by"] = [DECIDERS[int(d)] for d in main.decided_by]
         doc["points"]["milp_seconds"] = nan_to_none(main.milp_seconds)
     doc["seconds"] = time.perf_counter() - t0
-    if write:
+    doc["processes"] = world.world_size
+    if write and world.is_main:
         _write(run_dir, doc)
     return doc
 

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from logitpair.attacks.common import model_device
+from logitpair.distributed import env_world
 from logitpair.environment import environment, parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.cache import EvalCache, Fingerprint, points_digest, run_batches, weights_digest
@@ -360,7 +361,12 @@ def smoothing_run(
     """Certify the run's first ``opts.n`` test points with randomized smoothing; with ``write``
     write ``certify.json``, ``certify.md`` and ``certify.png`` (certified accuracy against the L2
     radius) into the run. The state is kept in ``RUN/certify-state/`` unless ``opts.resume`` is False.
-    ``external``: certify this model from elsewhere instead; ``run_dir`` is then where the results go."""
+    ``external``: certify this model from elsewhere instead; ``run_dir`` is then where the results go.
+    It runs in one process (not sharded under torchrun: one clear error there)."""
+    if env_world().active:
+        raise ConfigError(
+            "`method` smoothing under torchrun: randomized smoothing is not sharded; run it in one process"
+        )
     run_dir = Path(run_dir)
     model, info = load_subject(run_dir, external, device=parse_device(opts.device), write=write)
     x, y, dataset = test_points(info, opts.n, opts.data_dir)

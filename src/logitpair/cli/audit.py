@@ -15,6 +15,7 @@ from typing import Any
 
 from logitpair.cli.common import fraction
 from logitpair.cli.external import add_external_flags, external_from_args
+from logitpair.distributed import env_world
 from logitpair.errors import ConfigError
 from logitpair.progress import make_progress
 
@@ -24,6 +25,9 @@ def run(args: argparse.Namespace) -> int:
     from logitpair.audit.report import audit_markdown
     from logitpair.evaluation import get_suite, pgd_spec
 
+    if env_world().active:  # N processes would each run (and write) the whole audit
+        raise ConfigError("audit under torchrun: its checks share attack runs, so it runs in one process; "
+                          "run `logitpair audit` without torchrun")  # fmt: skip
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n: expected >= 1, got {args.n}")
     for flag, value in (("--steps", args.steps), ("--restarts", args.restarts)):

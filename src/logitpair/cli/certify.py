@@ -9,6 +9,7 @@ from typing import Any
 from logitpair.certification.certify import METHODS
 from logitpair.cli.common import fraction, quiet
 from logitpair.cli.external import add_external_flags, external_from_args
+from logitpair.distributed import env_world
 from logitpair.progress import make_progress
 
 
@@ -22,10 +23,11 @@ def run(args: argparse.Namespace) -> int:
         eps_curve=tuple(args.eps_curve) if args.eps_curve else None, device=args.device, data_dir=args.data_dir,
         resume=not args.no_resume, seed=args.seed, time_limit=args.time_limit,
     )  # fmt: skip
+    main = env_world().is_main  # under torchrun every rank takes its shard; rank 0 reports and writes
     doc = certify_run(
-        args.run, opts, external=external_from_args(args), progress=make_progress(quiet(args)), write=True
+        args.run, opts, external=external_from_args(args), progress=make_progress(quiet(args) or not main), write=True
     )
-    if not args.quiet:
+    if not args.quiet and main:
         print(certify_markdown(doc))
     return 0
 

@@ -11,6 +11,7 @@ from typing import Any
 from logitpair.certification.certify import METHODS
 from logitpair.cli.common import fraction, quiet
 from logitpair.cli.external import add_external_flags, external_from_args
+from logitpair.distributed import env_world
 from logitpair.errors import ConfigError
 from logitpair.progress import ProgressFactory, make_progress
 from logitpair.threat import NORM_NAMES
@@ -35,11 +36,14 @@ def run(args: argparse.Namespace) -> int:
         attacks=tuple(parse_attacks(args.attacks)) if args.attacks else (),
         save_adversarial=args.save_adversarial, resume=not args.no_resume, device=args.device,
     )  # fmt: skip
-    progress = make_progress(quiet(args))
+    main = env_world().is_main  # under torchrun every rank takes its shard; rank 0 reports and writes
+    progress = make_progress(quiet(args) or not main)
     ev = evaluate_run(args.run, opts, source=args.source, external=external, progress=progress, write=True)
     text = evaluation_markdown(ev)
     if args.certify is not None:
         text += _add_certified(args, ev, progress, external)
+    if not main:
+        return 0
     if args.json:
         print(json.dumps(ev, indent=2))
     else:
@@ -63,7 +67,7 @@ def _add_certified(args: argparse.Namespace, ev: dict[str, Any], progress: Progr
     text = f"\n## Certified ({args.certify})\n\nCertified accuracy {pct_ci(c['certified'])} % of {c['n']} points, "
     text += f"{c['seconds_per_point']:.3g} s per point.\n\n" + sandwich_markdown(doc["sandwich"], args.certify)
     run_dir = Path(args.run)
-    if run_dir.is_dir():
+    if run_dir.is_dir() and env_world().is_main:
         write_json(run_dir / "evaluation.json", ev)
         write_text(run_dir / "evaluation.md", evaluation_markdown(ev) + text)
     return text

@@ -9,8 +9,8 @@ import sys
 
 from logitpair._version import __version__
 from logitpair.cli import audit, certify, claims, demo, evaluate, listing, reproduce, train, transfer
+from logitpair.distributed import env_world
 from logitpair.errors import ConfigError, LogitpairError
-from logitpair.training.distributed import env_world
 
 SUBCOMMANDS = (train, evaluate, certify, audit, demo, listing, transfer, reproduce, claims)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from logitpair.cli.common import logger, quiet
+from logitpair.distributed import env_world
 from logitpair.errors import ConfigError
 from logitpair.progress import make_progress
 
@@ -31,8 +32,10 @@ def run(args: argparse.Namespace) -> int:
         seeds=args.seeds, out=Path(args.out) if args.out else None, n=args.n, batch_size=args.batch_size,
         seed=args.seed, runs=Path(args.runs) if args.runs else None,
     )  # fmt: skip
-    results = reproduce(opts, progress=make_progress(quiet(args)), log=logger(args))
-    if results is None:  # a torchrun rank other than 0: it trained, rank 0 evaluates and writes
+    main = env_world().is_main  # under torchrun rank 0 logs, shows progress, audits and writes
+    results = reproduce(opts, progress=make_progress(quiet(args) or not main),
+                        log=logger(args) if main else lambda msg: None)  # fmt: skip
+    if results is None:  # a torchrun rank other than 0: it trained and took its shards of the evaluation
         return 0
     if args.quiet:
         print(json.dumps({"out": str(opts.out_dir), "seconds": results["seconds"],
@@ -49,7 +52,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Train every model of a paper table, evaluate it honestly (the paper's attack, a strong suite, "
         "black-box transfer, the targeted ImageNet protocol, a gradient-masking audit) and write report.md and "
         "results.json with the paper's numbers next to ours (N, 95%% Wilson intervals, McNemar tests). "
-        "Under torchrun every process trains; rank 0 evaluates and writes.",
+        "Under torchrun every process trains and takes its shard of every evaluation; rank 0 audits and writes.",
     )
     p.add_argument("table", nargs="?", help="preset: table1 ... table9, engstrom, transfer-vs-ensemble (see --list)")
     p.add_argument("--list", action="store_true", help="list the presets and the data each needs")

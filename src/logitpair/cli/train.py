@@ -18,8 +18,8 @@ OWN_OPTIONS = ("-h", "--help", "--config", "--out", "--resume", "--overwrite", "
 
 
 def run(args: argparse.Namespace) -> int:
+    from logitpair.distributed import env_world
     from logitpair.training import train
-    from logitpair.training.distributed import env_world
 
     cfg = make_config(args.config, config_overrides(args))
     result = train(

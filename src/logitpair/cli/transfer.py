@@ -15,6 +15,7 @@ from typing import Any
 
 from logitpair.cli.common import fraction, quiet
 from logitpair.cli.external import add_external_flags, external_from_args
+from logitpair.distributed import env_world
 from logitpair.errors import ConfigError
 from logitpair.progress import make_progress
 from logitpair.threat import NORM_NAMES
@@ -46,9 +47,11 @@ def run(args: argparse.Namespace) -> int:
         ensembles[name] = members
     opts = TransferOptions(n=args.n, eps=args.eps, attack=attack, seed=args.seed, batch_size=args.batch_size,
                            data_dir=args.data_dir, resume=not args.no_resume, norm=args.norm)  # fmt: skip
+    main = env_world().is_main  # under torchrun every rank crafts its shard; rank 0 reports and writes
     doc = transfer_runs(args.runs, opts, ensembles=ensembles, external=external_from_args(args), out=args.out,
-                        progress=make_progress(quiet(args)), write=True)  # fmt: skip
-    print(json.dumps(doc, indent=2) if args.json else transfer_markdown(doc))
+                        progress=make_progress(quiet(args) or not main), write=True)  # fmt: skip
+    if main:
+        print(json.dumps(doc, indent=2) if args.json else transfer_markdown(doc))
     return 0
 
 

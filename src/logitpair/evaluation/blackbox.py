@@ -34,6 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from logitpair.attacks import ATTACKS, predict
+from logitpair.distributed import Dist
+from logitpair.evaluation.cache import EvalCache, Fingerprint, run_batches
 from logitpair.evaluation.protocol import ProtocolResult, run_protocol
 from logitpair.evaluation.spec import AttackSpec
 from logitpair.metrics import summarize, topk_correct
@@ -72,6 +74,34 @@ def _rest_seed(seed: int, b: int) -> int:
     return zlib.crc32(repr(("transfer: clean-wrong points", seed, b)).encode()) & 0x7FFF_FFFF
 
 
+def rest_state_path(state_path: Path | None) -> Path | None:
+    """Where :func:`craft` keeps the state of the clean-misclassified points beside ``state_path``."""
+    return None if state_path is None else state_path.with_name(f"{state_path.stem}.rest{state_path.suffix}")
+
+
+def _craft_rest(
+    source: nn.Module, x: Tensor, y: Tensor, attack: AttackSpec, threat: Threat, seed: int, batch_size: int,
+    state_path: Path | None, world: Dist | None,
+) -> Tensor:  # fmt: skip
+    """``attack`` on ``source`` for the points ``x, y`` (those it misclassifies clean), in batches
+    of their own seeded by the batch index, through the evaluation cache (resumable, sharded)."""
+    fn = ATTACKS.get(attack.name)
+
+    def step(b: int, start: int, stop: int, st: dict[str, Tensor]) -> None:
+        gen = torch.Generator().manual_seed(_rest_seed(seed, b))
+        xb = x[start:stop]
+        xa = fn(source, xb, y[start:stop], threat=threat, generator=gen, **attack.params)
+        if not bool(threat.contains(xb, xa).all()):
+            raise RuntimeError(f"attack {attack.label} left the threat model")
+        st["x_adv"][start:stop] = xa.detach().to("cpu", x.dtype)
+
+    settings = {"attack": attack.to_dict(), "threat": threat.to_dict(), "seed": seed, "batch_size": batch_size}
+    fp = Fingerprint("craft: clean-wrong points").raw_weights(source).json(settings).tensors(x, y).hexdigest()
+    st = run_batches(len(x), batch_size, EvalCache(state_path, fp), fresh=lambda: {"x_adv": x.detach().cpu().clone()},
+                     step=step, world=world)  # fmt: skip
+    return st["x_adv"]
+
+
 def craft(
     source: nn.Module,
     x: Tensor,
@@ -84,26 +114,25 @@ def craft(
     state_path: Path | None = None,
     progress: ProgressFactory = null_progress,
     desc: str = "craft",
+    world: Dist | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Adversarial examples for all points on ``source``; returns ``(x_adv, source_clean_correct)``.
 
     The points ``source`` classifies correctly are attacked by ``run_protocol`` itself (same
     batches and seeds as a white-box evaluation, resumable through ``state_path``); the others
-    afterwards in batches of their own, so a target never sees a clean image in place of a
-    transferred one.
+    afterwards in batches of their own (resumable beside it, :func:`rest_state_path`), so a
+    target never sees a clean image in place of a transferred one. ``world`` (torchrun): both
+    parts sharded by whole batches, the list of clean-misclassified points taken from the
+    gathered first part, so it is the same on every rank and the result equals one process's.
     """
     res = run_protocol(source, x, y, [attack], threat=threat, seed=seed, batch_size=batch_size,
-                       keep_adversarial=True, state_path=state_path, progress=progress, desc=desc)  # fmt: skip
+                       keep_adversarial=True, state_path=state_path, progress=progress, desc=desc,
+                       world=world)  # fmt: skip
     x_adv = res.adversarial.to(x.device, copy=True)
     wrong = (~res.clean_correct).nonzero().flatten()
-    fn = ATTACKS.get(attack.name)
-    for b, start in enumerate(range(0, len(wrong), batch_size)):
-        idx = wrong[start : start + batch_size]
-        gen = torch.Generator().manual_seed(_rest_seed(seed, b))
-        xa = fn(source, x[idx], y[idx], threat=threat, generator=gen, **attack.params)
-        if not bool(threat.contains(x[idx], xa).all()):
-            raise RuntimeError(f"attack {attack.label} left the threat model")
-        x_adv[idx] = xa.to(x_adv.dtype)
+    rest = _craft_rest(source, x[wrong], y[wrong], attack, threat, seed, batch_size,
+                       rest_state_path(Path(state_path) if state_path is not None else None), world)  # fmt: skip
+    x_adv[wrong] = rest.to(x_adv.device, x_adv.dtype)
     return x_adv, res.clean_correct
 
 
@@ -131,6 +160,7 @@ def black_box(
     state_path: str | Path | None = None,
     progress: ProgressFactory = null_progress,
     desc: str = "black-box",
+    world: Dist | None = None,
 ) -> BlackBoxResult:
     """The target's black-box accuracy on ``x, y`` (see the module docstring).
 
@@ -138,7 +168,8 @@ def black_box(
     ``clean`` the target's clean flags when already known, else computed here), or ``source``,
     ``attack`` and ``threat``: the attack (its ``transfer`` flag set here) crafted on the source
     per target by the protocol with ``seed``, ``batch_size``, ``targeted``, ``top5`` and the
-    evaluation cache at ``state_path`` (keyed by the target's and the source's weights).
+    evaluation cache at ``state_path`` (keyed by the target's and the source's weights), sharded
+    over ``world`` under torchrun.
     """
     if (crafted is None) == (source is None):
         raise ValueError("black_box: give either crafted examples or a source model")
@@ -148,5 +179,6 @@ def black_box(
         raise ValueError("black_box: crafting on a source needs an attack and a threat")
     spec = attack if attack.transfer else replace(attack, transfer=True)
     res = run_protocol(target, x, y, [spec], source=source, threat=threat, seed=seed, batch_size=batch_size,
-                       targeted=targeted, top5=top5, state_path=state_path, progress=progress, desc=desc)  # fmt: skip
+                       targeted=targeted, top5=top5, state_path=state_path, progress=progress, desc=desc,
+                       world=world)  # fmt: skip
     return BlackBoxResult(clean=res.clean_correct, robust=res.robust, protocol=res)

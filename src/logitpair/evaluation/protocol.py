@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from logitpair.attacks import ATTACKS, attack_info, attacks_for
 from logitpair.attacks.common import model_device, predict, random_target
+from logitpair.distributed import Dist
 from logitpair.errors import ConfigError
 from logitpair.evaluation.cache import EvalCache, Fingerprint, run_batches
 from logitpair.evaluation.gates import BatchSignals, has_gates, wants_warm
@@ -75,25 +76,30 @@ def _seed_for(seed: int, *parts: int) -> int:
     return zlib.crc32(repr((seed, *parts)).encode()) & 0x7FFF_FFFF
 
 
+_STATE_FORMAT = 2  # 2: ``attacked`` counted per point (shardable); states of format 1 are recomputed
+
+
 def _fingerprint(attacks: list[AttackSpec], threat: Threat, x: Tensor, y: Tensor, **settings: Any) -> str:
-    """A digest of everything that determines the protocol's outcome, for resumable state."""
+    """A digest of everything that determines the protocol's outcome, for resumable state (the
+    number of processes of a sharded run is not part of it: it changes no result)."""
     fp = Fingerprint()
     for key in ("model", "source"):  # the target's weights and, for transfer attacks, the source's
         fp.raw_weights(settings.pop(key, None))
     fp.json([a.to_dict() for a in attacks])
     norm = {} if threat.norm == "Linf" else {"norm": threat.norm}  # L-inf states saved before L2 existed stay valid
-    fp.json({"eps": threat.eps, "bounds": threat.bounds, **norm, **settings})
+    fp.json({"eps": threat.eps, "bounds": threat.bounds, **norm, **settings, "state": _STATE_FORMAT})
     return fp.tensors(x, y).hexdigest()
 
 
 def _fresh_state(n: int, x: Tensor, attacks: list[AttackSpec], *, targeted: bool, top5: bool,
                  keep_adversarial: bool) -> dict[str, Tensor]:  # fmt: skip
-    """The protocol's per-example record before any batch."""
+    """The protocol's per-example record before any batch (``attacked``: how often each attack ran
+    on each point, 0-2 with top-5's second pass; summed into the result's per-attack counts)."""
     st = {
         "clean1": torch.zeros(n, dtype=torch.bool),
         "robust1": torch.zeros(n, dtype=torch.bool),
         "broken_by": torch.full((n,), -1, dtype=torch.long),
-        "attacked": torch.zeros(len(attacks), dtype=torch.long),
+        "attacked": torch.zeros(n, len(attacks), dtype=torch.uint8),
     }
     if top5:
         st["clean5"] = torch.zeros(n, dtype=torch.bool)
@@ -149,6 +155,7 @@ def run_protocol(
     state_path: str | Path | None = None,
     progress: ProgressFactory = null_progress,
     desc: str = "evaluate",
+    world: Dist | None = None,
 ) -> ProtocolResult:
     """Run ``attacks`` in order on ``model`` (each only on still-robust points).
 
@@ -164,7 +171,10 @@ def run_protocol(
     Randomness comes from generators seeded by ``(seed, attack index, batch index)``, so
     a batch's outcome does not depend on the batches before it. With ``state_path`` the
     per-example results are saved after every batch and a rerun with the same settings
-    continues where the last one stopped.
+    continues where the last one stopped. ``world``: the torchrun processes (every rank calls
+    this with the same arguments): whole batches are sharded by rank, batch ``b`` to rank
+    ``b mod N``, and every rank returns the same result, equal to one process's
+    (:func:`~logitpair.evaluation.cache.run_batches`).
     """
     _check_attacks(attacks, source, targeted, threat)
     n = len(x)
@@ -180,12 +190,13 @@ def run_protocol(
 
     bar = progress(n, desc)
     fresh = partial(_fresh_state, n, x, attacks, targeted=targeted, top5=top5, keep_adversarial=keep_adversarial)
-    st = run_batches(n, batch_size, cache, fresh=fresh, step=step, bar=bar)
+    st = run_batches(n, batch_size, cache, fresh=fresh, step=step, bar=bar, world=world)
     bar.close()
     return ProtocolResult(
         clean_correct=st["clean1"], robust=st["robust1"], broken_by=st["broken_by"], attacks=list(attacks),
         threat=threat, seed=seed, clean_top5=st.get("clean5"), robust_top5=st.get("robust5"),
-        target=st.get("target"), target_hit=st.get("hit"), adversarial=st.get("adv"), attacked=st.get("attacked"),
+        target=st.get("target"), target_hit=st.get("hit"), adversarial=st.get("adv"),
+        attacked=st["attacked"].sum(0, dtype=torch.long),
     )  # fmt: skip
 
 
@@ -287,8 +298,7 @@ def _attack_pass(
             kwargs.update({key: batch.signals.warm_start(idx) for key in info.warm})
     if len(idx) == 0:
         return
-    if "attacked" in st:
-        st["attacked"][i] += len(idx)
+    st["attacked"][start + idx.cpu(), i] += 1
     if batch.target is not None:
         kwargs.update(targeted=True, target=batch.target[idx])
     if k > 1 and info.topk:

@@ -26,6 +26,7 @@ from logitpair.checkpoint import RunInfo, load_model, run_info
 from logitpair.config import DataConfig, build
 from logitpair.data import load_dataset, take
 from logitpair.data.points import load_points
+from logitpair.distributed import Dist, same_on_all_ranks, setup
 from logitpair.environment import parse_device
 from logitpair.errors import ConfigError
 from logitpair.evaluation.blackbox import black_box
@@ -175,9 +176,14 @@ def evaluate_run(
     per-example results are saved in ``RUN/eval-state/`` after every batch (an interrupted
     evaluation continues), and ``evaluation.json`` / ``evaluation.md`` are written into the run.
     ``external``: evaluate this model from elsewhere instead; ``run_dir`` is then only where the
-    results go (:func:`~logitpair.external.load_subject`)."""
+    results go (:func:`~logitpair.external.load_subject`).
+
+    Under torchrun (every process runs the same command) the protocol batches are sharded, batch
+    ``b`` to rank ``b mod N`` (:func:`~logitpair.evaluation.cache.run_batches`; on CUDA each process
+    uses ``cuda:LOCAL_RANK``): every process returns the same document, equal to one process's,
+    and rank 0 alone writes files."""
     run_dir = Path(run_dir)
-    device = parse_device(opts.device)
+    world, device = setup(str(parse_device(opts.device)))  # joins the process group under torchrun
     linf = make_threat(opts.norm, 0.0).norm == "Linf"
     eps = opts.eps if linf else None  # a run's eps is an L-inf one
     model, info = load_subject(run_dir, external, device=device, eps=eps, write=write)
@@ -185,11 +191,14 @@ def evaluate_run(
     check_norm(strong_attacks(opts, threat.norm), threat.norm)  # attacks that do not support it: before any work
     src = load_source(source, device) if source is not None else None  # before any work: a bad source fails fast
     x, y, dataset = test_points(info, opts.n, opts.data_dir)
+    if world.active:  # every rank evaluates the same model on the same points
+        same_on_all_ranks(world, {"opts": opts, "source": source, "points": points_digest(x, y),
+                                  "model": weights_digest(model)}, "the evaluation (options, test points or weights)")  # fmt: skip
     state_dir = run_dir / "eval-state" if (write and opts.resume and run_dir.is_dir()) else None
     if state_dir is not None:
         state_dir.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    wb, baseline, white = _white_box(model, x, y, opts, threat, state_dir, progress)
+    wb, baseline, white = _white_box(model, x, y, opts, threat, state_dir, progress, world)
     summary = wb.summary()
     out: dict[str, Any] = {
         "run": str(run_dir),
@@ -200,6 +209,7 @@ def evaluate_run(
         "threat": threat.to_dict(),
         "suite": None if opts.attacks else opts.suite,
         "device": str(device),
+        "processes": world.world_size,
         "precision": "float32",  # attacks and evaluation never run under autocast
         "clean": summary["clean"],
         "pgd": {**summarize(wb.clean_correct & (wb.broken_by != 0)), "attack": baseline.to_dict()},
@@ -209,12 +219,13 @@ def evaluate_run(
     if external is not None:
         out["external"] = {"model": external.label, **model.meta["external"]}
     if src is not None:
-        out["black_box"] = _black_box(model, src, source_runs(source), x, y, opts, threat, state_dir, progress)
+        out["black_box"] = _black_box(model, src, source_runs(source), x, y, opts, threat, state_dir, progress, world)
     out["seconds"] = time.perf_counter() - t0
     if opts.save_adversarial:
-        _save_adversarial(Path(opts.save_adversarial), wb, y, threat, run_dir, white)
+        if world.is_main:
+            _save_adversarial(Path(opts.save_adversarial), wb, y, threat, run_dir, white)
         out["adversarial_file"] = str(opts.save_adversarial)
-    if write:
+    if write and world.is_main:
         write_json(run_dir / "evaluation.json", out)
         write_text(run_dir / "evaluation.md", evaluation_markdown(out))
     return out
@@ -226,35 +237,35 @@ def per_example(x: Tensor, y: Tensor, wb: ProtocolResult) -> dict[str, str]:
     return {"points": points_digest(x, y), "clean": flags_text(wb.clean_correct), "robust": flags_text(wb.robust)}
 
 
-def _common(opts: EvalOptions, threat: Threat) -> dict[str, Any]:
+def _common(opts: EvalOptions, threat: Threat, world: Dist) -> dict[str, Any]:
     return {"threat": threat, "batch_size": opts.batch_size, "seed": opts.seed, "targeted": opts.targeted,
-            "top5": opts.top5}  # fmt: skip
+            "top5": opts.top5, "world": world}  # fmt: skip
 
 
 def _white_box(
     model: nn.Module, x: Tensor, y: Tensor, opts: EvalOptions, threat: Threat, state_dir: Path | None,
-    progress: ProgressFactory,
+    progress: ProgressFactory, world: Dist,
 ) -> tuple[ProtocolResult, AttackSpec, list[AttackSpec]]:  # fmt: skip
     """The PGD baseline then the strong attacks, in order; the result, the baseline and the list."""
     baseline = pgd_spec(opts.steps, opts.restarts, opts.step_size)
     white = [baseline, *strong_attacks(opts, threat.norm)]
     wb = run_protocol(
         model, x, y, white, progress=progress, desc="white-box", keep_adversarial=opts.save_adversarial is not None,
-        state_path=state_dir / "white-box.safetensors" if state_dir else None, **_common(opts, threat),
+        state_path=state_dir / "white-box.safetensors" if state_dir else None, **_common(opts, threat, world),
     )  # fmt: skip
     return wb, baseline, white
 
 
 def _black_box(
     model: nn.Module, src: nn.Module, runs: list[str], x: Tensor, y: Tensor, opts: EvalOptions, threat: Threat,
-    state_dir: Path | None, progress: ProgressFactory,
+    state_dir: Path | None, progress: ProgressFactory, world: Dist,
 ) -> dict[str, Any]:  # fmt: skip
     """The baseline PGD crafted on the source per point the target gets right (:func:`black_box`)."""
     # the state file is keyed by the source's weights: the protocol's fingerprint covers the target only
     bb_state = state_dir / f"black-box-{weights_digest(src)[:16]}.safetensors" if state_dir else None
     bb = black_box(
         model, x, y, source=src, attack=pgd_spec(opts.steps, opts.restarts, opts.step_size, transfer=True),
-        progress=progress, desc="black-box", state_path=bb_state, **_common(opts, threat),
+        progress=progress, desc="black-box", state_path=bb_state, **_common(opts, threat, world),
     )  # fmt: skip
     out = {**bb.summary(), "source": ",".join(runs)}
     if len(runs) > 1:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from logitpair.distributed import Dist
 from logitpair.errors import ConfigError
 from logitpair.evaluation.protocol import ProtocolResult, run_protocol
 from logitpair.evaluation.spec import AttackSpec
@@ -94,6 +95,7 @@ def targeted_protocol(
     untargeted: Sequence[AttackSpec] = (),
     state_dir: str | Path | None = None,
     progress: ProgressFactory = null_progress,
+    world: Dist | None = None,
 ) -> TargetedResult:
     """The paper's ImageNet protocol (Kannan et al. 2018, https://arxiv.org/abs/1803.06373,
     Tables 3, 5, 9): targeted attacks towards a random class, top-1 and top-5 accuracy and the
@@ -106,7 +108,8 @@ def targeted_protocol(
     **same** target classes (a uniformly random class other than the label, drawn per batch
     from the seed; checked here). The worst case per example is the AND of the groups' robust
     flags. ``untargeted`` attacks, if any, run once more without targets (an extra column, not
-    the paper's protocol). L-inf ``threat``, ``x`` (N, C, H, W) in [0, 1], ``y`` (N,).
+    the paper's protocol). L-inf ``threat``, ``x`` (N, C, H, W) in [0, 1], ``y`` (N,). ``world``
+    (torchrun): every group sharded by whole batches (:func:`run_protocol`), the same result.
 
     Example::
 
@@ -124,7 +127,7 @@ def targeted_protocol(
         results[name] = run_protocol(
             model, x, y, list(attacks), threat=threat, seed=seed, batch_size=batch_size, targeted=True, top5=True,
             state_path=state / f"targeted-{name}.safetensors" if state else None, progress=progress,
-            desc=f"targeted: {name}",
+            desc=f"targeted: {name}", world=world,
         )  # fmt: skip
     first = next(iter(results.values()))
     for name, res in results.items():
@@ -135,6 +138,7 @@ def targeted_protocol(
         extra = run_protocol(
             model, x, y, list(untargeted), threat=threat, seed=seed, batch_size=batch_size, top5=True,
             state_path=state / "untargeted.safetensors" if state else None, progress=progress, desc="untargeted",
+            world=world,
         )  # fmt: skip
     return TargetedResult(
         clean_top1=first.clean_correct,

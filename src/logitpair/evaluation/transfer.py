@@ -44,9 +44,10 @@ from torch import Tensor, nn
 
 from logitpair.attacks import attack_info, predict
 from logitpair.checkpoint import load_model, run_info
+from logitpair.distributed import Dist, all_true, barrier, same_on_all_ranks, setup
 from logitpair.errors import ConfigError, LogitpairError
-from logitpair.evaluation.blackbox import black_box, craft
-from logitpair.evaluation.cache import EvalCache, Fingerprint, weights_digest
+from logitpair.evaluation.blackbox import black_box, craft, rest_state_path
+from logitpair.evaluation.cache import EvalCache, Fingerprint, points_digest, weights_digest
 from logitpair.evaluation.run import check_points_options, check_threat_options, test_points
 from logitpair.evaluation.spec import AttackSpec, pgd_spec
 from logitpair.external import ExternalModel
@@ -150,6 +151,7 @@ class _Crafting:
     state: Path | None
     resume: bool
     progress: ProgressFactory
+    world: Dist | None = None
 
     def caches(self, fp: str) -> tuple[EvalCache, Path | None]:
         """The finished examples' cache and the crafting protocol's partial state file."""
@@ -163,28 +165,37 @@ class _Crafting:
         fp = craft_fingerprint(src, self.attack, self.threat, x, y, self.seed, self.batch_size)
         done, partial = self.caches(fp)
         x_adv = _load_crafted(done, x) if self.resume else None
-        reused = x_adv is not None
-        if x_adv is None:
+        # under torchrun every rank must take the same path (crafting is collective): reuse only if all can
+        reused = all_true(self.world or Dist(), x_adv is not None)
+        if not reused:
             x_adv = self._craft(name, src, x, y, done, partial)
+        assert x_adv is not None
         info: dict[str, Any] = {"fingerprint": fp, "reused": reused, "seconds": round(time.perf_counter() - t0, 3)}
         if done.path is not None:
             info["file"] = str(done.path)
         return x_adv, info
 
     def _craft(self, name: str, src: nn.Module, x: Tensor, y: Tensor, done: EvalCache, partial: Path | None) -> Tensor:
+        world = self.world or Dist()
         if self.state is not None:
             self.state.mkdir(parents=True, exist_ok=True)
-            if not self.resume and partial is not None:
-                partial.unlink(missing_ok=True)
+        if not self.resume and partial is not None and world.is_main:
+            for state in (partial, rest_state_path(partial)):
+                for cache in (EvalCache(state, ""), *EvalCache(state, "").rank_files()):
+                    cache.clear()
+        barrier(world)  # no rank reads a state rank 0 is removing
         x_adv, src_clean = craft(src, x, y, self.attack, threat=self.threat, seed=self.seed,
                                  batch_size=self.batch_size, state_path=partial, progress=self.progress,
-                                 desc=f"craft on {name}")  # fmt: skip
+                                 desc=f"craft on {name}", world=self.world)  # fmt: skip
+        if self.world is not None and not self.world.is_main:
+            return x_adv  # every rank has the examples; rank 0 stores them
         meta = {"format": FORMAT, "source": name, "attack": json.dumps(self.attack.to_dict()),
                 "eps": repr(self.threat.eps), "norm": self.threat.norm, "seed": str(self.seed),
                 "n": str(len(x))}  # fmt: skip
         done.save({"x_adv": x_adv, "y": y, "source_clean": src_clean}, len(x), **meta)
-        if partial is not None:
-            partial.unlink(missing_ok=True)
+        for state in (partial, rest_state_path(partial)):
+            if state is not None:
+                state.unlink(missing_ok=True)
         return x_adv
 
 
@@ -205,6 +216,7 @@ def transfer_matrix(
     state_dir: str | Path | None = None,
     resume: bool = True,
     progress: ProgressFactory = null_progress,
+    world: Dist | None = None,
 ) -> TransferResult:
     """Craft ``attack`` once on every model of ``models`` (and of ``sources``, extra sources
     that are not targets, e.g. an ensemble) and evaluate the examples on every model.
@@ -216,6 +228,9 @@ def transfer_matrix(
         seed, batch_size: as in :func:`run_protocol`; the diagonal equals its white-box result.
         state_dir: folder for the crafted examples, reused when the fingerprint matches
             (``resume=False``: craft again and overwrite).
+        world: the torchrun processes (every rank calls this with the same arguments): the
+            crafting is sharded by whole batches (:func:`~logitpair.evaluation.blackbox.craft`),
+            every rank gets the same result, equal to one process's; rank 0 stores the examples.
 
     Returns a :class:`TransferResult` (rows: sources, columns: targets).
     """
@@ -229,7 +244,7 @@ def transfer_matrix(
     attack = replace(attack, transfer=False)
     all_sources = {**models, **extra}
     crafting = _Crafting(attack, threat, seed, batch_size, Path(state_dir) if state_dir is not None else None,
-                         resume, progress)  # fmt: skip
+                         resume, progress, world)  # fmt: skip
     adversarial: dict[str, Tensor] = {}
     crafted: dict[str, dict[str, Any]] = {}
     for name, src in all_sources.items():
@@ -359,7 +374,11 @@ def transfer_runs(
     rerun) and writes ``transfer.json``, ``transfer.md`` and ``transfer.png`` into ``out``; every
     check runs before anything is written. ``external``: one more model, from elsewhere, named
     after its weights file (its ``points``, if any, are the study's points). Returns the
-    ``transfer.json`` document."""
+    ``transfer.json`` document.
+
+    Under torchrun (every process runs the same command) the crafting is sharded by whole batches
+    and every process returns the same document, equal to one process's; rank 0 writes it."""
+    world, _ = setup("cpu")  # the runs are loaded on the CPU; joins the process group under torchrun
     paths = [str(r) for r in runs]
     ensembles = {k: [str(r) for r in v] for k, v in (ensembles or {}).items()}
     names = _check_runs(paths, ensembles, external is not None)
@@ -377,15 +396,19 @@ def transfer_runs(
     x, y, dataset = test_points(first, opts.n, opts.data_dir)
     out = Path(out)
     created = not out.exists()
+    # the same study on every rank (and, collective, before any rank creates `out`)
+    if world.active:
+        same_on_all_ranks(world, {"opts": opts, "runs": paths, "ensembles": ensembles, "points": points_digest(x, y)},
+                          "the transfer study (options, runs or test points)")  # fmt: skip
     t0 = time.perf_counter()
     try:
         res = transfer_matrix(
             models, x, y, attack=opts.attack, threat=threat, seed=opts.seed, sources=sources,
             batch_size=opts.batch_size, state_dir=out / "crafted" if write else None, resume=opts.resume,
-            progress=progress,
+            progress=progress, world=world,
         )  # fmt: skip
     except LogitpairError:
-        if created and write:
+        if created and write and world.is_main:
             shutil.rmtree(out, ignore_errors=True)  # a bad option found while crafting leaves nothing behind
         raise
     doc: dict[str, Any] = {
@@ -396,8 +419,9 @@ def transfer_runs(
         **({"external": {external.name: models[external.name].meta["external"]}} if external is not None else {}),
         **res.to_dict(),
         "seconds": round(time.perf_counter() - t0, 2),
+        "processes": world.world_size,
     }
-    if write:
+    if write and world.is_main:
         write_transfer(out, doc)
     return doc
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from logitpair.checkpoint import load_model, run_info
+from logitpair.distributed import Dist
 from logitpair.evaluation import run_protocol
 from logitpair.evaluation.blackbox import black_box, craft
 from logitpair.evaluation.run import test_points
@@ -47,7 +48,8 @@ Flags = dict[str, Tensor]  # metric key -> per-example flags of one row
 @dataclass
 class SeedRuns:
     """One seed's trained models and the test points a protocol evaluates them on. Models are
-    loaded once; rows with the same image size share the first ``plan.n`` test points."""
+    loaded once; rows with the same image size share the first ``plan.n`` test points. ``world``:
+    the torchrun processes, each taking its shard of every protocol batch loop (the same result)."""
 
     plan: Plan
     dirs: dict[str, Path]
@@ -58,6 +60,7 @@ class SeedRuns:
     batch_size: int
     progress: ProgressFactory
     log: Logger
+    world: Dist = field(default_factory=Dist)
     _models: dict[str, nn.Module] = field(default_factory=dict)
     _points: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
@@ -81,8 +84,8 @@ class SeedRuns:
 
     @property
     def common(self) -> dict[str, Any]:
-        """The settings every attack of the seed shares."""
-        return {"threat": Linf(self.plan.eps), "seed": self.seed, "batch_size": self.batch_size}
+        """The settings every attack of the seed shares (and the processes that share the work)."""
+        return {"threat": Linf(self.plan.eps), "seed": self.seed, "batch_size": self.batch_size, "world": self.world}
 
 
 @dataclass

@@ -29,8 +29,11 @@ the same command resumes it (every training and every evaluation resumes). With 
 DIR``) the run directories live in a store shared between tables, named by a digest of the whole
 training config: a model another table trained with the same config is reused (Tables 3-6 and 9
 share models, as in the paper), and so are its saved evaluations and audit. Under ``torchrun``
-every process trains every model (DistributedDataParallel inside :func:`train`); then rank 0
-alone evaluates, audits and writes, in one process, and the other ranks exit.
+every process trains every model (DistributedDataParallel inside :func:`train`), then takes its
+shard of every evaluation (whole protocol batches, batch ``b`` to rank ``b mod N``: the same
+result as one process, :func:`~logitpair.evaluation.cache.run_batches`); then the other ranks
+exit and rank 0 alone audits (the audit's checks share attack runs; it stays in one process)
+and writes.
 """
 
 from __future__ import annotations
@@ -49,12 +52,13 @@ import torch
 from logitpair.config import RunConfig, loss_for, make_config, migrate, to_dict
 from logitpair.data import DATASETS
 from logitpair.data.base import VAL_SIZE_MAX
+from logitpair.distributed import Dist, env_world, setup
 from logitpair.environment import environment
 from logitpair.errors import ConfigError
 from logitpair.evaluation.transfer import plot_transfer, transfer_markdown
 from logitpair.experiments.audits import row_audit as _audit
 from logitpair.experiments.presets import PRESETS, Preset, Row
-from logitpair.experiments.protocols import PROTOCOLS, Flags, SeedRuns, check_outcome
+from logitpair.experiments.protocols import PROTOCOLS, Flags, ProtocolOutcome, SeedRuns, check_outcome
 from logitpair.experiments.report import plot_comparison, report_markdown
 from logitpair.experiments.scales import FOLDER_DATASETS, SCALES, Plan, plan_for
 from logitpair.experiments.smokedata import write_smoke_data
@@ -63,7 +67,6 @@ from logitpair.io import atomic_write, replace_dir, write_json, write_text
 from logitpair.metrics import summarize
 from logitpair.progress import Logger, ProgressFactory, null_log, null_progress
 from logitpair.training import train
-from logitpair.training.distributed import env_world
 
 DATA_NEEDS = {
     "mnist": "MNIST: the four IDX files (train-images-idx3-ubyte[.gz], ...) via --data-dir",
@@ -219,12 +222,16 @@ def _run(opts: ReproduceOptions, plan: Plan, work: Path, final: Path, data_dir: 
         seconds, dirs = _train_all(opts, plan, work / f"seed-{k}", k, data_dir, progress, log)
         train_seconds.append(seconds)
         run_dirs.append(dirs)
-    if rank != 0:
-        return {}
-    per_seed = []
+    world, device = setup(opts.device)  # joined by train() already under torchrun; every rank takes its shard
+    outcomes = []
     for k in range(opts.seeds):
         log(f"[reproduce] seed {k}: evaluating")
-        per_seed.append(_evaluate_seed(opts, plan, run_dirs[k], work / f"seed-{k}", data_dir, progress, log))
+        outcomes.append(_evaluate_seed(opts, plan, run_dirs[k], work / f"seed-{k}", data_dir, world, device,
+                                       progress, log))  # fmt: skip
+    if rank != 0:
+        return {}
+    per_seed = [_audit_seed(opts, plan, run_dirs[k], data_dir, device, outcomes[k], progress, log)
+                for k in range(opts.seeds)]  # fmt: skip
     # the run directories inside the work folder move with it to OUT
     shown = [{name: final / d.relative_to(work) if d.is_relative_to(work) else d for name, d in dirs.items()}
              for dirs in run_dirs]  # fmt: skip
@@ -256,20 +263,29 @@ class SeedResult:
 
 
 def _evaluate_seed(opts: ReproduceOptions, plan: Plan, dirs: dict[str, Path], seed_dir: Path, data_dir: str | None,
-                   progress: ProgressFactory, log: Logger) -> SeedResult:  # fmt: skip
-    """Evaluate (the preset's protocol) and audit the table rows of one seed (run directories
-    ``dirs``), and compare the rows the paper compares. Protocol states are saved in the run
-    directories, so a rerun (or another table evaluating the same model the same way) continues
-    or reuses them."""
-    device = torch.device(opts.device) if opts.device != "cpu" else None
-    runs = SeedRuns(plan, dirs, seed_dir, data_dir, device, opts.seed, opts.batch_size, progress, log)
+                   world: Dist, device: torch.device, progress: ProgressFactory,
+                   log: Logger) -> tuple[int, ProtocolOutcome]:  # fmt: skip
+    """Evaluate the table rows of one seed (run directories ``dirs``) with the preset's protocol,
+    sharded over ``world`` under torchrun; the number of points and the outcome. Protocol states
+    are saved in the run directories, so a rerun (or another table evaluating the same model the
+    same way) continues or reuses them."""
+    runs = SeedRuns(plan, dirs, seed_dir, data_dir, device if device.type != "cpu" else None, opts.seed,
+                    opts.batch_size, progress, log, world)  # fmt: skip
     protocol = PROTOCOLS.get(plan.preset.protocol)
     outcome = check_outcome(protocol, plan.preset, protocol.evaluate(runs))
+    return runs.n_points, outcome  # the points are known once evaluated
+
+
+def _audit_seed(opts: ReproduceOptions, plan: Plan, dirs: dict[str, Path], data_dir: str | None,
+                device: torch.device, evaluated: tuple[int, ProtocolOutcome], progress: ProgressFactory,
+                log: Logger) -> SeedResult:  # fmt: skip
+    """Audit the table rows of one seed (in one process) and compare the rows the paper compares."""
+    n, outcome = evaluated
     audits = {}
     for r in plan.preset.table_rows:
         log(f"[reproduce] {r.name}: gradient-masking audit")
-        audits[r.name] = _audit(dirs, r, plan, data_dir, opts, device, progress)
-    return SeedResult(runs.n_points, outcome.flags, audits, _comparisons(plan.preset, outcome.flags),
+        audits[r.name] = _audit(dirs, r, plan, data_dir, opts, device if device.type != "cpu" else None, progress)
+    return SeedResult(n, outcome.flags, audits, _comparisons(plan.preset, outcome.flags),
                       outcome.transfer or None)  # fmt: skip
 
 

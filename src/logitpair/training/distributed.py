@@ -1,106 +1,32 @@
 """Data-parallel training with PyTorch's own engine: ``torchrun`` + DistributedDataParallel.
 
-``torchrun --nproc-per-node N -m logitpair train ...`` sets ``WORLD_SIZE``, ``RANK`` and
-``LOCAL_RANK``; :func:`setup` then joins the process group (NCCL on CUDA, gloo on CPU). Only
-rank 0 writes files. Collective helpers here are no-ops in a single process.
+The world, joining the process group and the collectives live one layer down, in
+:mod:`logitpair.distributed` (sharded evaluation uses them too); they are re-exported here for
+the training loop. Only rank 0 writes files.
 """
 
-from __future__ import annotations
+from logitpair.distributed import (
+    Dist,
+    all_gather,
+    all_reduce_sum,
+    all_true,
+    barrier,
+    env_world,
+    same_on_all_ranks,
+    setup,
+    teardown,
+    wait_for_all,
+)
 
-import atexit
-import hashlib
-import json
-import os
-from dataclasses import dataclass
-from typing import Any
-
-import torch
-import torch.distributed as dist
-
-from logitpair.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-
-def env_world() -> Dist:
-    """Rank and world size from torchrun's environment (single process when unset)."""
-    return Dist(
-        rank=int(os.environ.get("RANK", "0")),
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-    )
-
-
-def setup(device: str) -> tuple[Dist, torch.device]:
-    """Join the process group when launched by torchrun; returns the world and this process's device."""
-    w = env_world()
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device: cuda requested but no CUDA device is available")
-        dev = torch.device("cuda", w.local_rank) if w.active and dev.index is None else dev
-        torch.cuda.set_device(dev)
-    if w.active and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, store=_store(w), rank=w.rank, world_size=w.world_size)
-        # one group per process, kept for every later train() call (experiments train several
-        # models); re-creating it would meet the first group's keys in torchrun's store
-        atexit.register(teardown)
-    return w, dev
-
-
-def _store(w: Dist) -> dist.Store:
-    """torchrun's key-value store, under a prefix per restart attempt: after an elastic restart
-    the new workers must not read the addresses the killed ones published (a stale gloo
-    address makes ``connectFullMesh`` fail with "connection refused")."""
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        world_size=w.world_size,
-        is_master=False,
-        wait_for_workers=False,
-        use_libuv=True,
-    )
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"logitpair/attempt-{attempt}", store)
-
-
-def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def same_on_all_ranks(w: Dist, value: Any, what: str) -> None:
-    """Raise :class:`ConfigError` on every rank if ``value`` (JSON-able) differs between ranks."""
-    if not w.active:
-        return
-    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-    gathered: list[Any] = [None] * w.world_size
-    dist.all_gather_object(gathered, digest)
-    bad = [r for r, d in enumerate(gathered) if d != gathered[0]]
-    if bad:
-        raise ConfigError(f"{what} differs between processes (rank 0 vs rank{'s' if len(bad) > 1 else ''} {bad})")
-
-
-def all_reduce_sum(t: torch.Tensor, w: Dist) -> torch.Tensor:
-    if w.active:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def barrier(w: Dist) -> None:
-    if w.active:
-        dist.barrier()
+__all__ = [
+    "Dist",
+    "all_gather",
+    "all_reduce_sum",
+    "all_true",
+    "barrier",
+    "env_world",
+    "same_on_all_ranks",
+    "setup",
+    "teardown",
+    "wait_for_all",
+]
