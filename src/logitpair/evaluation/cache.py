@@ -105,6 +105,14 @@ def text_flags(text: str) -> Tensor:
     return torch.tensor([c == "1" for c in text], dtype=torch.bool)
 
 
+def _done(meta: dict[str, str]) -> int | None:
+    """The points a plain state file holds finished (``done``; ``n`` in older files), or None."""
+    try:
+        return int(meta["done"] if "done" in meta else meta["n"])
+    except (KeyError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class EvalCache:
     """One state file (``path``; None: nothing is stored) for the evaluation with ``fingerprint``."""
@@ -112,9 +120,8 @@ class EvalCache:
     path: Path | None
     fingerprint: str
 
-    def load(self) -> tuple[dict[str, Tensor], int] | None:
-        """The saved tensors and the number of points done, or None (no file, another
-        fingerprint, unreadable)."""
+    def _read(self) -> tuple[dict[str, str], dict[str, Tensor]] | None:
+        """The file's metadata and tensors, or None (no file, another fingerprint, unreadable)."""
         if self.path is None or not self.path.is_file():
             return None
         try:
@@ -122,10 +129,19 @@ class EvalCache:
                 meta = f.metadata() or {}
                 if meta.get("fingerprint") != self.fingerprint:
                     return None
-                done = int(meta["done"] if "done" in meta else meta["n"])
-                return {k: f.get_tensor(k) for k in f.keys()}, done  # noqa: SIM118 - safe_open is not a mapping
+                return meta, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
         except Exception:  # noqa: BLE001 - an unreadable state file just means starting over
             return None
+
+    def load(self) -> tuple[dict[str, Tensor], int] | None:
+        """The saved tensors and the number of points done, or None (no file, another
+        fingerprint, unreadable)."""
+        read = self._read()
+        if read is None:
+            return None
+        meta, tensors = read
+        done = _done(meta)
+        return None if done is None else (tensors, done)
 
     def save(self, tensors: Mapping[str, Tensor], done: int, **meta: str) -> None:
         """Write ``tensors`` (CPU) with ``done`` points finished, atomically (the folder created);
@@ -165,23 +181,19 @@ class EvalCache:
     def load_batches(self, bounds: list[tuple[int, int]], batch_size: int) -> tuple[dict[str, Tensor], set[int]] | None:
         """The saved tensors and the global batches they hold finished (``bounds``: every batch's
         ``(start, stop)``), from a rank file or a plain one (its first ``done`` points), or None."""
-        if self.path is None or not self.path.is_file():
+        read = self._read()
+        if read is None:
             return None
-        try:
-            with safe_open(str(self.path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("fingerprint") != self.fingerprint:
+        meta, tensors = read
+        if "batches" in meta:
+            try:
+                if int(meta["batch_size"]) != batch_size:
                     return None
-                if "batches" in meta:
-                    if int(meta["batch_size"]) != batch_size:
-                        return None
-                    batches = {int(b) for b in meta["batches"].split(",") if b}
-                else:
-                    done = int(meta["done"] if "done" in meta else meta["n"])
-                    batches = {b for b, (_, stop) in enumerate(bounds) if stop <= done}
-                return {k: f.get_tensor(k) for k in f.keys()}, batches  # noqa: SIM118 - safe_open is not a mapping
-        except Exception:  # noqa: BLE001 - an unreadable state file just means starting over
-            return None
+                return tensors, {int(b) for b in meta["batches"].split(",") if b}
+            except (KeyError, ValueError):  # malformed metadata: start over
+                return None
+        done = _done(meta)
+        return None if done is None else (tensors, {b for b, (_, stop) in enumerate(bounds) if stop <= done})
 
 
 def run_batches(
