@@ -450,3 +450,34 @@ def test_every_preset_builds_valid_configs_at_every_scale(scale):
                 # <= 64 px; 75 (InceptionV3's minimum) where the table has an InceptionV3 (same points for all rows)
                 assert cfg.data.image_size <= (75 if plan.preset.model == "inceptionv3" else 64)
                 assert "attack" not in takes or cfg.loss.attack in ("pgd", "pgdll_16_2_1")
+
+
+def _files(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+def test_more_seeds_extend_the_store_reusing_every_finished_seed(smoke_data, tmp_path, capsys):
+    """Issue 24: `--seeds 2` then `--seeds 3` with the same `--runs`: the first two seeds' models,
+    evaluation states and audits are reused untouched (no file of their run directories changes)
+    and their per-seed results are identical; only the third seed is trained and evaluated."""
+    store, out = tmp_path / "store", tmp_path / "out"
+    argv = ["reproduce", "table1", "--scale", "smoke", "--data-dir", str(smoke_data["mnist"]), "--out", str(out),
+            "--runs", str(store), "--quiet", "--seeds"]  # fmt: skip
+    assert main([*argv, "2"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    dirs = {Path(d) for r in first["rows"] for d in r["run_dirs"]}
+    before = {d: _files(d) for d in dirs}
+    assert main([*argv, "3"]) == 0
+    capsys.readouterr()
+    again = json.loads((out / "results.json").read_text())
+    assert again["seeds"] == 3
+    for r1, r3 in zip(first["rows"], again["rows"], strict=True):
+        assert r3["seeds"][:2] == r1["seeds"] and r3["audit"][:2] == r1["audit"]
+        assert r3["run_dirs"][:2] == r1["run_dirs"] and r3["run_dirs"][2] not in r1["run_dirs"]
+    per_seed = len(first["comparisons"]) // 2
+    assert again["comparisons"][: 2 * per_seed] == first["comparisons"]
+    for d, files in before.items():
+        now = _files(d)
+        changed = sorted(k for k in files if now.get(k) != files[k])
+        assert not changed, f"{d}: a finished seed's files were rewritten: {changed}"

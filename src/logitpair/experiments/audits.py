@@ -41,6 +41,7 @@ def row_audit(dirs: dict[str, Path], row: Row, plan: Plan, data_dir: str | None,
     source = dirs[row.source] if row.source else None
     key = {"settings": plan.audit.to_dict(), "n": plan.audit_points, "eps": plan.eps, "seed": opts.seed,
            "source": str(source), "data_dir": data_dir, "weights": sha256_file(run_dir / "model.safetensors")}  # fmt: skip
+    key = json.loads(json.dumps(key))  # as saved: tuples become lists, or the saved key never matches
     cache = run_dir / "reproduce-audit.json"
     saved = _saved(cache, key)
     if saved is not None:
