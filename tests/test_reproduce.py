@@ -111,6 +111,11 @@ def test_every_preset_passes_a_smoke_run(name, smoke_data, store, tmp_path, caps
             assert {f"from_{m.name}" for m in preset.rows} <= set(ours)
         for d in r["run_dirs"]:
             assert (Path(d) / "model.safetensors").is_file() and (Path(d) / "audit.json").is_file()
+        assert len(r["passes"]) == seeds  # model passes counted per seed's run: at least one pass per image
+        for p in r["passes"]:
+            assert p["per_image_last_step"]["forward"] >= 1 and p["steps"] >= 1
+            assert p["total"]["forward"] >= p["steps"] * p["batch_size"]
+    assert "commit" in res["environment"]
     assert len(res["comparisons"]) == len(preset.compare) * seeds
     for c in res["comparisons"]:
         assert c["a_only"] + c["b_only"] + c["both"] + c["neither"] == c["n"] and 0 <= c["p_value"] <= 1

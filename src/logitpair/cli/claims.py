@@ -14,7 +14,8 @@ from typing import Any
 
 
 def run(args: argparse.Namespace) -> int:
-    from logitpair.experiments.claims import gather_all, load_results, source_commit
+    from logitpair.environment import source_commit
+    from logitpair.experiments.claims import gather_all, load_results
     from logitpair.experiments.claims_page import claims_markdown
     from logitpair.io import write_text
 

@@ -22,7 +22,6 @@ returns a claim's :class:`Evidence` (or says which command produces the missing 
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,16 +240,6 @@ def load_results(paths: Iterable[Path | str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def source_commit() -> str | None:
-    """``git describe --always --dirty`` of the repository this module is in (None outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, check=True, timeout=30)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 # --------------------------------------------------------------------------- evidence
 @dataclass
 class Measure:
@@ -312,6 +301,13 @@ def _paired(res: Mapping[str, Any], claim: Claim, name: str, ma: str, mb: str) -
                    mantel_haenszel_pairs(a_only, b_only))  # fmt: skip
 
 
+def _total_passes(p: Mapping[str, Any]) -> int | None:
+    """A run's forward + backward images of the trained model (None when its steps differ, see
+    :func:`~logitpair.training.passes.run_passes`)."""
+    total = p.get("total")
+    return None if total is None else int(total["forward"] + total["backward"])
+
+
 def _costs(res: Mapping[str, Any], claim: Claim) -> tuple[list[dict[str, Any]], float | None]:
     """Training seconds per seed of the claim's rows (and the declared step cost of their methods);
     the ratio of A's mean to B's for a non-inferiority claim."""
@@ -320,8 +316,10 @@ def _costs(res: Mapping[str, Any], claim: Claim) -> tuple[list[dict[str, Any]], 
         r = _row(res, name)
         cost = METHODS.entry(r["method"]).cost
         seconds = [float(s) for s in r["train_seconds"]]
+        passes = [_total_passes(p) for p in r.get("passes", [])]  # absent in results of older versions
         costs.append({"row": name, "label": r["label"], "method": r["method"], "seconds": seconds,
                       "mean": sum(seconds) / len(seconds) if seconds else None,
+                      "passes": passes, "per_image": [p.get("per_image_last_step") for p in r.get("passes", [])],
                       "step": cost.floor if cost else "regular step"})  # fmt: skip
     ratio = None
     if claim.kind == "noninferiority" and len(costs) == 2 and costs[0]["mean"] is not None and costs[1]["mean"]:

@@ -5,13 +5,13 @@ The page opens with the verdicts, the tests and the inputs (folder, scale, seeds
 machine, wall time, commit); each claim's section gives the paper's figures (from the presets)
 next to ours (mean over seeds with its 95% t-interval, and every seed), the paired difference
 with McNemar's exact test per seed, the t-interval over seeds and the pooled exact test, the
-same under the strong worst case, the training costs of the same runs, and the verdict in one
+same under the strong worst case, the training costs of the same runs (seconds and model passes), and the verdict in one
 line. A claim without runs says which command produces them; no figure is typed here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from logitpair.experiments.claims import (
@@ -191,15 +191,43 @@ def _bound(e: Evidence, m: Measure) -> str:
     return text + f"{_ci(m.interval)}% (bound {100 * e.claim.bound:g}%)\n\n"
 
 
+def _passes(c: Mapping[str, Any]) -> tuple[str, str]:
+    """(model passes per seed in millions of images, forward/backward per training image) of one row."""
+    if not c.get("passes"):
+        return "not recorded", "—"
+    per_seed = ", ".join("—" if p is None else f"{p / 1e6:.2f}" for p in c["passes"])
+    per = {(p["forward"], p["backward"]) for p in c["per_image"] if p}
+    return per_seed, "; ".join(f"{f:g} + {b:g}" for f, b in sorted(per))
+
+
 def _costs(e: Evidence) -> str:
     rows = [[c["label"], f"`{c['method']}`", ", ".join(f"{s:.1f}" for s in c["seconds"]),
-             "—" if c["mean"] is None else f"{c['mean']:.1f}", c["step"]] for c in e.costs]  # fmt: skip
-    text = "**Costs** (training seconds per seed of these runs; the step's cost class as the method declares it, "
-    text += "not counted in these runs):\n\n"
-    text += markdown_table(["model", "method", "train s per seed", "mean", "one training step"], rows)
+             "—" if c["mean"] is None else f"{c['mean']:.1f}", *_passes(c), c["step"]] for c in e.costs]  # fmt: skip
+    text = (
+        "**Costs** (training seconds per seed of these runs, on a shared machine; model passes = images "
+        "through the trained model's forward + backward, counted by hooks on one step of each run's config "
+        "× its steps; the step's cost class as the method declares it):\n\n"
+    )
+    text += markdown_table(["model", "method", "train s per seed", "mean s", "passes per seed (M images)",
+                            "fwd + bwd per training image", "one training step"], rows)  # fmt: skip
     if e.cost_ratio is not None:
-        text += f"\nTraining cost A / B: {e.cost_ratio:.2f} (limit {e.claim.max_cost:g}).\n"
+        text += f"\nTraining cost A / B (seconds): {e.cost_ratio:.2f} (limit {e.claim.max_cost:g}).\n"
+    ratio = _passes_ratio(e)
+    if ratio is not None:
+        text += f"Model passes A / B: {ratio:.2f}.\n"
     return text + "\n"
+
+
+def _passes_ratio(e: Evidence) -> float | None:
+    if e.claim.kind != "noninferiority" or len(e.costs) != 2:
+        return None
+    means = []
+    for c in e.costs:
+        p = [x for x in c.get("passes", []) if x is not None]
+        if not p:
+            return None
+        means.append(sum(p) / len(p))
+    return means[0] / means[1] if means[1] else None
 
 
 def _intro(claim: Claim) -> str:

@@ -53,7 +53,7 @@ from logitpair.config import RunConfig, loss_for, make_config, migrate, to_dict
 from logitpair.data import DATASETS
 from logitpair.data.base import VAL_SIZE_MAX
 from logitpair.distributed import Dist, env_world, setup
-from logitpair.environment import environment
+from logitpair.environment import environment, source_commit
 from logitpair.errors import ConfigError
 from logitpair.evaluation.transfer import plot_transfer, transfer_markdown
 from logitpair.experiments.audits import row_audit as _audit
@@ -67,6 +67,7 @@ from logitpair.io import atomic_write, replace_dir, write_json, write_text
 from logitpair.metrics import summarize
 from logitpair.progress import Logger, ProgressFactory, null_log, null_progress
 from logitpair.training import train
+from logitpair.training.passes import run_passes
 
 DATA_NEEDS = {
     "mnist": "MNIST: the four IDX files (train-images-idx3-ubyte[.gz], ...) via --data-dir",
@@ -235,7 +236,9 @@ def _run(opts: ReproduceOptions, plan: Plan, work: Path, final: Path, data_dir: 
     # the run directories inside the work folder move with it to OUT
     shown = [{name: final / d.relative_to(work) if d.is_relative_to(work) else d for name, d in dirs.items()}
              for dirs in run_dirs]  # fmt: skip
-    results = _assemble(opts, plan, per_seed, train_seconds, shown, time.perf_counter() - t0)
+    # model passes counted on each trained run (seconds depend on the machine and its load, passes do not)
+    passes = [{name: run_passes(d) for name, d in dirs.items()} for dirs in run_dirs]
+    results = _assemble(opts, plan, per_seed, train_seconds, passes, shown, time.perf_counter() - t0)
     _write(work, results, per_seed[0].transfer)
     return results
 
@@ -302,7 +305,7 @@ def _comparisons(preset: Preset, flags: dict[str, Flags]) -> list[dict[str, Any]
 
 # --------------------------------------------------------------------------- results
 def _row_result(r: Row, per_seed: list[SeedResult], train_seconds: list[dict[str, float]],
-                run_dirs: list[dict[str, Path]]) -> dict[str, Any]:  # fmt: skip
+                passes: list[dict[str, Any]], run_dirs: list[dict[str, Path]]) -> dict[str, Any]:  # fmt: skip
     seeds = [{key: summarize(v) for key, v in s.flags[r.name].items()} for s in per_seed]
     return {
         "name": r.name,
@@ -314,6 +317,7 @@ def _row_result(r: Row, per_seed: list[SeedResult], train_seconds: list[dict[str
         "spread": {key: spread([s[key]["value"] for s in seeds]) for key in seeds[0]},
         "audit": [s.audits[r.name] for s in per_seed],
         "train_seconds": [t[r.name] for t in train_seconds],
+        "passes": [p[r.name] for p in passes],
         "run_dirs": [str(d[r.name]) for d in run_dirs],
         "ours_settings": list(r.ours),
     }
@@ -332,11 +336,12 @@ def _attacks(plan: Plan) -> dict[str, Any]:
 
 
 def _assemble(opts: ReproduceOptions, plan: Plan, per_seed: list[SeedResult], train_seconds: list[dict[str, float]],
-              run_dirs: list[dict[str, Path]], seconds: float) -> dict[str, Any]:  # fmt: skip
+              passes: list[dict[str, Any]], run_dirs: list[dict[str, Path]], seconds: float) -> dict[str, Any]:  # fmt: skip
     preset = plan.preset
     others = [
         {"name": r.name, "label": r.label, "method": r.method, "role": r.role, "ours_settings": list(r.ours),
-         "train_seconds": [t[r.name] for t in train_seconds], "run_dirs": [str(d[r.name]) for d in run_dirs]}
+         "train_seconds": [t[r.name] for t in train_seconds], "passes": [p[r.name] for p in passes],
+         "run_dirs": [str(d[r.name]) for d in run_dirs]}
         for r in preset.rows if r.role != "row"
     ]  # fmt: skip
     return {
@@ -355,14 +360,14 @@ def _assemble(opts: ReproduceOptions, plan: Plan, per_seed: list[SeedResult], tr
         "columns": [{"key": c.key, "label": c.label} for c in preset.columns],
         "attacks": _attacks(plan),
         "audit_settings": {"points": plan.audit_points, **plan.audit.to_dict()},
-        "rows": [_row_result(r, per_seed, train_seconds, run_dirs) for r in preset.table_rows],
+        "rows": [_row_result(r, per_seed, train_seconds, passes, run_dirs) for r in preset.table_rows],
         "other_models": others,
         "comparisons": [{**c, "seed": k} for k, s in enumerate(per_seed) for c in s.comparisons],
         "settings": [{"setting": s, "source": src} for s, src in preset.settings],
         "substitutions": list(plan.substitutions),
         "notes": list(preset.notes),
         "transfer": per_seed[0].transfer,
-        "environment": environment(),
+        "environment": {**environment(), "commit": source_commit()},
         "seconds": round(seconds, 1),
         "command": command_line(opts),
     }
