@@ -19,7 +19,7 @@ from logitpair.cli.main import main
 from logitpair.environment import environment
 from logitpair.errors import ConfigError
 from logitpair.experiments.claims import CLAIMS, DELTA, K_SUPERIORITY, Claim, gather, gather_all, load_results
-from logitpair.experiments.claims_page import claims_markdown
+from logitpair.experiments.claims_page import claims_markdown, wall_seconds
 from logitpair.experiments.presets import PRESETS
 from logitpair.experiments.stats import FAILS, HOLDS, NOT_SEPARABLE, mcnemar, spread
 from logitpair.metrics import summarize
@@ -71,6 +71,7 @@ def fake_results(preset_name: str, k: int, rates: dict[str, dict[str, float]] | 
                     "targeted_suite": None},
         "audit_settings": {}, "rows": rows, "other_models": others, "comparisons": comparisons, "settings": [],
         "substitutions": [], "notes": [], "transfer": None, "environment": environment(), "seconds": 123.0,
+        "invocations": [{"command": "c", "seeds": k, "seconds": 123.0, "commit": None, "finished": None}],
         "command": f"logitpair reproduce {preset.name} --scale {scale} --seeds {k}",
     }  # fmt: skip
 
@@ -317,3 +318,9 @@ def test_a_real_smoke_run_renders(tmp_path, data_dir):
         c["a_only"] for c in real["comparisons"] if c["metric_a"] == "white_box"
     )
     assert not math.isnan(t1.measures[0].interval["mean"])
+
+
+def test_wall_seconds_sum_the_calls_that_grew_the_seeds():
+    assert wall_seconds({"seconds": 7.0}) == "7"  # results of a version without the record
+    assert wall_seconds({"seconds": 50.4, "invocations": [{"seconds": 50.4}]}) == "50"
+    assert wall_seconds({"seconds": 50.4, "invocations": [{"seconds": 100.2}, {"seconds": 50.4}]}) == "151 (100 + 50)"

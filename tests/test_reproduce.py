@@ -477,6 +477,13 @@ def test_more_seeds_extend_the_store_reusing_every_finished_seed(smoke_data, tmp
     capsys.readouterr()
     again = json.loads((out / "results.json").read_text())
     assert again["seeds"] == 3
+    # each call's wall time is kept: the first call's record carried over unchanged, the second's added
+    assert again["invocations"][0] == first["invocations"][0] and len(first["invocations"]) == 1
+    assert [c["seeds"] for c in again["invocations"]] == [2, 3]
+    assert (
+        again["invocations"][1]["seconds"] == again["seconds"]
+        and again["invocations"][0]["seconds"] == first["seconds"]
+    )
     for r1, r3 in zip(first["rows"], again["rows"], strict=True):
         assert r3["seeds"][:2] == r1["seeds"] and r3["audit"][:2] == r1["audit"]
         assert r3["run_dirs"][:2] == r1["run_dirs"] and r3["run_dirs"][2] not in r1["run_dirs"]
@@ -486,3 +493,23 @@ def test_more_seeds_extend_the_store_reusing_every_finished_seed(smoke_data, tmp
         now = _files(d)
         changed = sorted(k for k in files if now.get(k) != files[k])
         assert not changed, f"{d}: a finished seed's files were rewritten: {changed}"
+
+
+def test_earlier_invocations_read_from_the_previous_results(tmp_path):
+    """The calls recorded in OUT's previous results.json, kept when they are of the same table."""
+    from logitpair.experiments.reproduce import earlier_invocations
+
+    res = {"preset": "table1", "scale": "small", "dataset": "fashion-mnist", "n": 1000}
+    assert earlier_invocations(tmp_path, res) == []  # no earlier results
+    old = {**res, "seeds": 3, "seconds": 3600.0, "command": "logitpair reproduce table1 --seeds 3",
+           "environment": {"commit": "abc"}}  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(old))  # written by a version without the record
+    assert earlier_invocations(tmp_path, res) == [
+        {"command": old["command"], "seeds": 3, "seconds": 3600.0, "commit": "abc", "finished": None}
+    ]
+    calls = [{"command": "c1", "seeds": 1, "seconds": 1.0, "commit": None, "finished": "t"}] * 2
+    (tmp_path / "results.json").write_text(json.dumps({**old, "invocations": calls}))
+    assert earlier_invocations(tmp_path, res) == calls
+    assert earlier_invocations(tmp_path, {**res, "n": 500}) == []  # another table's points: not this one's calls
+    (tmp_path / "results.json").write_text("{not json")
+    assert earlier_invocations(tmp_path, res) == []

@@ -105,6 +105,16 @@ def method() -> str:
     )
 
 
+def wall_seconds(res: Mapping[str, Any]) -> str:
+    """The wall seconds of the calls that produced ``res``: one call's, or the sum and each call's
+    (seeds grown over several calls of the same command with ``--runs``)."""
+    calls = res.get("invocations") or [{"seconds": res["seconds"]}]
+    if len(calls) == 1:
+        return f"{calls[0]['seconds']:.0f}"
+    each = " + ".join(f"{c['seconds']:.0f}" for c in calls)
+    return f"{sum(c['seconds'] for c in calls):.0f} ({each})"
+
+
 def inputs(evidence: Sequence[Evidence]) -> str:
     seen: dict[str, dict[str, Any]] = {}
     for e in evidence:
@@ -117,10 +127,10 @@ def inputs(evidence: Sequence[Evidence]) -> str:
         env = res["environment"]
         rows.append([f"`{res['preset']}`", f"`{res['_path']}`", res["scale"], res["dataset"], str(res["n"]),
                      str(res["seeds"]), res["device"], f"{env.get('platform')} ({env.get('machine')})",
-                     str(env.get("threads")), str(env.get("torch")), f"{res['seconds']:.0f}",
+                     str(env.get("threads")), str(env.get("torch")), wall_seconds(res),
                      env.get("commit") or "not recorded"])  # fmt: skip
     head = ["preset", "folder", "scale", "dataset", "N", "seeds", "device", "machine", "threads", "torch",
-            "wall s", "commit"]  # fmt: skip
+            "wall s (calls)", "commit"]  # fmt: skip
     return "## Inputs\n\n" + markdown_table(head, rows) + "\n"
 
 
@@ -249,7 +259,7 @@ def section(i: int, e: Evidence) -> str:
     text = f'<a id="claim-{i}"></a>\n\n## {i}. {e.claim.title}\n\n' + _intro(e.claim)
     if e.results is None:
         return text + _missing(e) + f"**Verdict**: {e.verdict.line()}\n\n"
-    text += f"Results: `{e.results['_path']}` (`{e.results['command']}`, {e.results['seconds']:.0f} s).\n\n"
+    text += f"Results: `{e.results['_path']}` (`{e.results['command']}`, {wall_seconds(e.results)} s).\n\n"
     text += _ours(e)
     for m in e.measures:
         text += _paired(e, m) if e.claim.paired else _bound(e, m)

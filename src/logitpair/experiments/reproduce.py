@@ -239,6 +239,7 @@ def _run(opts: ReproduceOptions, plan: Plan, work: Path, final: Path, data_dir: 
     # model passes counted on each trained run (seconds depend on the machine and its load, passes do not)
     passes = [{name: run_passes(d) for name, d in dirs.items()} for dirs in run_dirs]
     results = _assemble(opts, plan, per_seed, train_seconds, passes, shown, time.perf_counter() - t0)
+    results["invocations"] = [*earlier_invocations(final, results), _invocation(results)]
     _write(work, results, per_seed[0].transfer)
     return results
 
@@ -371,6 +372,27 @@ def _assemble(opts: ReproduceOptions, plan: Plan, per_seed: list[SeedResult], tr
         "seconds": round(seconds, 1),
         "command": command_line(opts),
     }
+
+
+def _invocation(res: dict[str, Any]) -> dict[str, Any]:
+    return {"command": res["command"], "seeds": res["seeds"], "seconds": res["seconds"],
+            "commit": res["environment"].get("commit"), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+
+
+def earlier_invocations(out: Path, res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The calls that wrote ``out``'s previous ``results.json`` for the same preset, scale, dataset
+    and points (seeds grown over several calls with ``--runs``: each call's wall time is kept);
+    none when there is no such file or it is unreadable or of another table."""
+    try:
+        old = json.loads((out / "results.json").read_text())
+        same = all(old.get(k) == res[k] for k in ("preset", "scale", "dataset", "n"))
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not same:
+        return []
+    if "invocations" in old:
+        return list(old["invocations"])
+    return [_invocation({**old, "environment": old.get("environment") or {}}) | {"finished": None}]
 
 
 def command_line(opts: ReproduceOptions) -> str:
